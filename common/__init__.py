@@ -1,0 +1,1 @@
+"""The little the three scripts share: env construction, seeding, the replay buffer."""

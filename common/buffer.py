@@ -1,0 +1,74 @@
+"""A replay buffer that lives on the accelerator.
+
+It is a pytree of fixed-size arrays with pure `add` and `sample` functions, so a script can insert
+the newest transition and draw a batch inside its jitted update: no per-step host copy of a batch.
+Transitions store `next_obs` as the environment returned it (before any reset) and `terminated`
+only, so time-limit truncations bootstrap and true terminations do not.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class ReplayBuffer(NamedTuple):
+    obs: jax.Array  # (capacity, obs_dim)
+    actions: jax.Array  # (capacity, act_dim), in [-1, 1]
+    rewards: jax.Array  # (capacity,)
+    next_obs: jax.Array  # (capacity, obs_dim)
+    terminated: jax.Array  # (capacity,), 1.0 where the episode truly ended
+    pos: jax.Array  # int32 scalar: where the next transition goes
+    size: jax.Array  # int32 scalar: how many slots hold data
+
+
+class Batch(NamedTuple):
+    obs: jax.Array
+    actions: jax.Array
+    rewards: jax.Array
+    next_obs: jax.Array
+    terminated: jax.Array
+
+
+def buffer_init(capacity: int, obs_dim: int, act_dim: int) -> ReplayBuffer:
+    f32 = jnp.float32
+    return ReplayBuffer(
+        obs=jnp.zeros((capacity, obs_dim), f32),
+        actions=jnp.zeros((capacity, act_dim), f32),
+        rewards=jnp.zeros((capacity,), f32),
+        next_obs=jnp.zeros((capacity, obs_dim), f32),
+        terminated=jnp.zeros((capacity,), f32),
+        pos=jnp.zeros((), jnp.int32),
+        size=jnp.zeros((), jnp.int32),
+    )
+
+
+def buffer_add(buf: ReplayBuffer, obs, action, reward, next_obs, terminated) -> ReplayBuffer:
+    """Write one transition at `pos`, overwriting the oldest once full."""
+    capacity = buf.obs.shape[0]
+    i = buf.pos
+    return ReplayBuffer(
+        obs=buf.obs.at[i].set(obs),
+        actions=buf.actions.at[i].set(action),
+        rewards=buf.rewards.at[i].set(reward),
+        next_obs=buf.next_obs.at[i].set(next_obs),
+        terminated=buf.terminated.at[i].set(terminated),
+        pos=(i + 1) % capacity,
+        size=jnp.minimum(buf.size + 1, capacity),
+    )
+
+
+def buffer_sample(buf: ReplayBuffer, key, batch_size: int, recent_frac: float = 0.0, recent_size: int = 0) -> Batch:
+    """Draw `batch_size` transitions: a share `recent_frac` of them uniformly from the newest
+    `recent_size` transitions, the rest uniformly from the whole buffer (with replacement)."""
+    capacity = buf.obs.shape[0]
+    n_recent = int(round(batch_size * recent_frac)) if recent_size > 0 else 0
+    k_uniform, k_recent = jax.random.split(key)
+    uniform = jax.random.randint(k_uniform, (batch_size - n_recent,), 0, buf.size)
+    window = jnp.minimum(recent_size, buf.size)
+    back = jax.random.randint(k_recent, (n_recent,), 0, window)
+    recent = (buf.pos - 1 - back) % capacity
+    idx = jnp.concatenate([uniform, recent])
+    return Batch(buf.obs[idx], buf.actions[idx], buf.rewards[idx], buf.next_obs[idx], buf.terminated[idx])

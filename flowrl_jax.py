@@ -1,0 +1,536 @@
+"""FlowRL: a flow-based policy for online RL (Lv et al., 2025), in one JAX/Flax file.
+
+The actor is a velocity field v(s, a_t, t); an action is the ODE solution from a0 ~ N(0, I)
+(clamped to [-1, 1]) at t = 1, squashed by tanh (Eq. 8-9). The actor maximises Q^pi while a
+weighted flow-matching term, an upper bound on the Wasserstein-2 distance to the best policy in the
+buffer (Eq. 12-14), pulls it toward buffer actions that Q^beta* rates above the current policy.
+Q^beta* and V are learned IQL-style by expectile regression (Eq. 18-19).
+
+Defaults reproduce the authors' code (bytedance/FlowRL); where it differs from the paper a flag
+gives the paper's version (see README.md).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+
+from common.env import ConfigError, check_env_id
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the environment, numpy and JAX"""
+    env_id: str = "Hopper-v4"
+    """Gymnasium MuJoCo id (e.g. Ant-v4) or dm_control task (e.g. dm_control/dog-run-v0)"""
+    total_timesteps: int = 1_000_000
+    """total environment steps"""
+    buffer_size: int = 1_000_000
+    """replay buffer capacity"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.95
+    """target-network rate: target <- tau * online + (1 - tau) * target (the authors use 0.95)"""
+    batch_size: int = 256
+    """batch size of every gradient step"""
+    learning_starts: int = 5000
+    """env steps of uniform random actions before the first gradient step"""
+    learning_rate: float = 3e-4
+    """Adam learning rate of the actor, both critics and V"""
+    policy_frequency: int = 2
+    """update the actor and the target networks every this many critic updates"""
+    hidden_dim: int = 512
+    """width of every hidden layer"""
+    flow_steps: int = 1
+    """ODE integration steps N from a0 to the action (acting, targets and evaluation)"""
+    integrator: Literal["midpoint", "euler"] = "midpoint"
+    """ODE solver: midpoint (the authors', 2 network calls per step) or Euler"""
+    expectile: float = 0.9
+    """expectile tau_e of the V regression on Q^beta* (Eq. 18)"""
+    lamda: float = 0.1
+    """lambda, the scale of the flow-matching weight w (Eq. 22)"""
+    cfm_weighting: Literal["batch", "sample"] = "batch"
+    """batch: the authors' mean(w) * mean(CFM); sample: the paper's per-sample w * CFM (Eq. 13, 22)"""
+    cfm_target: Literal["action", "pre-tanh"] = "action"
+    """flow-matching endpoint: the buffer action as the authors do, or its atanh (where the ODE ends)"""
+    recent_frac: float = 0.2
+    """share of each batch drawn from the newest --recent-size transitions (the rest uniformly)"""
+    recent_size: int = 2048
+    """how many of the newest transitions the recent share is drawn from"""
+    eval_every: int = 10_000
+    """evaluate every this many env steps"""
+    eval_episodes: int = 5
+    """episodes per evaluation"""
+    eval_deterministic: bool = False
+    """evaluate from a0 = 0 instead of sampling a0 (the authors sample)"""
+    log_every: int = 1000
+    """write losses and SPS every this many env steps"""
+    save_model: bool = False
+    """save the trained parameters to runs/{run_name}/{exp_name}.msgpack"""
+    eval_only: bool = False
+    """load --checkpoint, evaluate it for --eval-episodes and exit"""
+    checkpoint: Optional[str] = None
+    """a model file written by --save-model (for --eval-only)"""
+    progress: bool = True
+    """show a progress bar on the terminal"""
+
+
+def check_args(args: Args) -> None:
+    """Refuse impossible settings with one line, before anything is built or compiled."""
+    positive = ["total_timesteps", "buffer_size", "batch_size", "learning_rate", "hidden_dim", "flow_steps",
+                "policy_frequency", "eval_every", "log_every", "lamda", "tau", "recent_size"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.learning_starts < 0:
+        raise ConfigError(f"--learning-starts must be >= 0, got {args.learning_starts}")
+    if args.eval_episodes < 0:
+        raise ConfigError(f"--eval-episodes must be >= 0, got {args.eval_episodes}")
+    if args.learning_starts > args.total_timesteps:
+        raise ConfigError(f"--learning-starts {args.learning_starts} is above --total-timesteps {args.total_timesteps}; "
+                          "it must be at most the total")
+    if args.batch_size > args.buffer_size:
+        raise ConfigError(f"--batch-size {args.batch_size} is above --buffer-size {args.buffer_size}; it must be at most the buffer size")
+    for name, lo, hi in [("gamma", 0.0, 1.0), ("tau", 0.0, 1.0), ("recent_frac", 0.0, 1.0)]:
+        if not lo <= getattr(args, name) <= hi:
+            raise ConfigError(f"--{name.replace('_', '-')} must be in [{lo}, {hi}], got {getattr(args, name)}")
+    if not 0.0 < args.expectile < 1.0:
+        raise ConfigError(f"--expectile must be in (0, 1), got {args.expectile}")
+    if args.eval_only and not args.checkpoint:
+        raise ConfigError("--eval-only needs --checkpoint PATH (a file written by --save-model)")
+    if args.checkpoint and not os.path.isfile(args.checkpoint):
+        raise ConfigError(f"--checkpoint {args.checkpoint!r} is not a file")
+    check_env_id(args.env_id)
+
+
+# JAX and the env libraries load after the arguments are checked, so bad input fails fast.
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from flax import struct  # noqa: E402
+from flax.training.train_state import TrainState  # noqa: E402
+
+from common.buffer import ReplayBuffer, buffer_add, buffer_init, buffer_sample  # noqa: E402
+from common.checkpoint import load_checkpoint, restore_params, save_params  # noqa: E402
+from common.env import env_step, make_env, seed_everything  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# Networks (the authors' layouts: Xavier-uniform weights, zero biases)
+# ---------------------------------------------------------------------------------------------
+
+
+def dense(features: int) -> nn.Dense:
+    return nn.Dense(features, kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.zeros)
+
+
+class VelocityField(nn.Module):
+    """v_theta(s, a_t, t): the actor (Eq. 9); t enters as a raw scalar."""
+
+    act_dim: int
+    hidden_dim: int
+
+    @nn.compact
+    def __call__(self, s, a_t, t):
+        x = jnp.concatenate([s, a_t, t], axis=-1)
+        x = nn.elu(nn.LayerNorm()(dense(self.hidden_dim)(x)))
+        x = nn.elu(nn.LayerNorm()(dense(self.hidden_dim)(x)))
+        return dense(self.act_dim)(x)
+
+
+class ValueMLP(nn.Module):
+    """One value head: the authors' LayerNorm MLP, used for Q (on [s, a]) and V (on s)."""
+
+    hidden_dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        gelu = lambda y: nn.gelu(y, approximate=False)  # torch's nn.GELU
+        x = dense(self.hidden_dim)(x)
+        x = dense(self.hidden_dim)(nn.LayerNorm()(x))
+        x = dense(self.hidden_dim)(gelu(nn.LayerNorm()(x)))
+        x = dense(self.hidden_dim)(gelu(nn.LayerNorm()(x)))
+        return dense(1)(nn.LayerNorm()(x)).squeeze(-1)
+
+
+class TwinQ(nn.Module):
+    """Two independent Q heads evaluated as one vmapped ensemble; returns (2, batch)."""
+
+    hidden_dim: int
+    num_heads: int = 2
+
+    @nn.compact
+    def __call__(self, s, a):
+        ensemble = nn.vmap(ValueMLP, variable_axes={"params": 0}, split_rngs={"params": True},
+                           in_axes=None, out_axes=0, axis_size=self.num_heads)
+        return ensemble(self.hidden_dim)(jnp.concatenate([s, a], axis=-1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The flow policy: base noise, ODE integration, squashing
+# ---------------------------------------------------------------------------------------------
+
+
+def sample_a0(key, shape):
+    # The authors clamp the Gaussian base to [-1, 1].
+    return jnp.clip(jax.random.normal(key, shape), -1.0, 1.0)
+
+
+def integrate_flow(velocity, s, a0, flow_steps: int, integrator: str):
+    """Solve da/dt = velocity(s, a, t) from t = 0 to 1 in `flow_steps` steps (Eq. 8-9).
+
+    Returns the pre-tanh endpoint; gradients flow through every step."""
+    dt = 1.0 / flow_steps
+    a = a0
+    ones = jnp.ones(a0.shape[:-1] + (1,), a0.dtype)
+    for k in range(flow_steps):
+        t = k * dt
+        if integrator == "midpoint":
+            a_mid = a + 0.5 * dt * velocity(s, a, t * ones)
+            a = a + dt * velocity(s, a_mid, (t + 0.5 * dt) * ones)
+        else:
+            a = a + dt * velocity(s, a, t * ones)
+    return a
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------
+
+
+def expectile_loss(diff, expectile: float):
+    """L_2^tau(u) = |tau - 1(u < 0)| u^2 averaged over the batch (Eq. 18), u = Q^beta*(s, a) - V(s)."""
+    weight = jnp.where(diff < 0, 1.0 - expectile, expectile)
+    return jnp.mean(weight * diff**2)
+
+
+def flow_matching_weight(q_beta, q_pi, lamda: float):
+    """w = f(Q^beta* - Q^pi) of Eq. 13-14 as the authors compute it: the advantage of the best
+    buffer policy, relu'd, exp-normalised over the batch, scaled by lambda and clipped to [1e-3, 1]."""
+    d = jax.nn.relu(q_beta - q_pi)
+    return jnp.clip(lamda * jnp.exp(d - jnp.mean(d)), 1e-3, 1.0)
+
+
+def weighted_cfm_loss(v_pred, target_velocity, w, per_sample: bool):
+    """Weighted conditional flow matching (Eq. 13). The per-sample error is the mean over action
+    dimensions. per_sample=False is the authors' reduction, mean(w) * mean(CFM)."""
+    cfm = jnp.mean((v_pred - target_velocity) ** 2, axis=-1)
+    if per_sample:
+        return jnp.mean(w * cfm)
+    return jnp.mean(w) * jnp.mean(cfm)
+
+
+# ---------------------------------------------------------------------------------------------
+# Agent state and the jitted update
+# ---------------------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class Agent:
+    actor: TrainState
+    critic: TrainState  # Q^pi, twin
+    critic_target: dict
+    q_beta: TrainState  # Q^beta*, twin
+    q_beta_target: dict
+    value: TrainState  # V^beta*
+    key: jax.Array
+    updates: jax.Array  # critic updates done so far
+    actor_info: dict  # metrics of the latest actor update, for logging between actor updates
+
+
+def create_agent(args: Args, obs_dim: int, act_dim: int, key) -> Agent:
+    actor_net, q_net, v_net = VelocityField(act_dim, args.hidden_dim), TwinQ(args.hidden_dim), ValueMLP(args.hidden_dim)
+    k_actor, k_q, k_qb, k_v, key = jax.random.split(key, 5)
+    s, a, t = jnp.zeros((1, obs_dim)), jnp.zeros((1, act_dim)), jnp.zeros((1, 1))
+
+    def state(net, params):
+        ts = TrainState.create(apply_fn=net.apply, params=params, tx=optax.adam(args.learning_rate))
+        return ts.replace(step=jnp.zeros((), jnp.int32))  # an array from the start: one compiled signature
+
+    critic = state(q_net, q_net.init(k_q, s, a))
+    q_beta = state(q_net, q_net.init(k_qb, s, a))
+    copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)  # own buffers: the update donates them
+    return Agent(
+        actor=state(actor_net, actor_net.init(k_actor, s, a, t)),
+        critic=critic,
+        critic_target=copy(critic.params),
+        q_beta=q_beta,
+        q_beta_target=copy(q_beta.params),
+        value=state(v_net, v_net.init(k_v, s)),
+        key=key,
+        updates=jnp.zeros((), jnp.int32),
+        actor_info={name: jnp.zeros((), jnp.float32) for name in ("actor_loss", "q_term", "cfm_loss", "weight")},
+    )
+
+
+def make_policy(args: Args, actor_apply, act_dim: int):
+    """a = tanh(phi(s, a0)) with a0 ~ clamp(N(0, I)), or a0 = 0 when deterministic."""
+
+    def policy(actor_params, s, key, deterministic: bool = False):
+        shape = s.shape[:-1] + (act_dim,)
+        a0 = jnp.zeros(shape) if deterministic else sample_a0(key, shape)
+        velocity = lambda s_, a_, t_: actor_apply(actor_params, s_, a_, t_)
+        return jnp.tanh(integrate_flow(velocity, s, a0, args.flow_steps, args.integrator))
+
+    return policy
+
+
+def make_update(args: Args, act_dim: int):
+    """Build the jitted gradient step: sample a batch on device, update Q^pi (Eq. 3), Q^beta* (Eq. 19)
+    and V (Eq. 18); every `policy_frequency` updates also the actor (Eq. 22) and the targets.
+    One compiled call per gradient step, no host round-trip inside. The buffer is only read here
+    (the insert is its own donated call): XLA would otherwise copy the whole buffer every step."""
+    q_apply = TwinQ(args.hidden_dim).apply
+    v_apply = ValueMLP(args.hidden_dim).apply
+    per_sample = args.cfm_weighting == "sample"
+
+    def update(agent: Agent, buf: ReplayBuffer):
+        key, k_batch, k_next, k_pi, k_a0, k_t = jax.random.split(agent.key, 6)
+        b = buffer_sample(buf, k_batch, args.batch_size, args.recent_frac, args.recent_size)
+        policy = make_policy(args, agent.actor.apply_fn, act_dim)
+        mask = 1.0 - b.terminated  # truncated transitions were stored with terminated = 0: they bootstrap
+
+        # Q^pi: y = r + gamma * mask * min Q_targ(s', a'), a' ~ pi(s') (Eq. 3), no entropy term.
+        next_a = policy(agent.actor.params, b.next_obs, k_next)
+        y = b.rewards + args.gamma * mask * jnp.min(q_apply(agent.critic_target, b.next_obs, next_a), axis=0)
+
+        def critic_loss(params):
+            q = q_apply(params, b.obs, b.actions)
+            return jnp.sum(jnp.mean((q - y) ** 2, axis=1)), q
+
+        (qf_loss, q_data), grads = jax.value_and_grad(critic_loss, has_aux=True)(agent.critic.params)
+        critic = agent.critic.apply_gradients(grads=grads)
+
+        # Q^beta*: y_b = r + gamma * mask * V(s') with the online V (Eq. 19).
+        y_beta = b.rewards + args.gamma * mask * v_apply(agent.value.params, b.next_obs)
+
+        def q_beta_loss(params):
+            q = q_apply(params, b.obs, b.actions)
+            return jnp.sum(jnp.mean((q - y_beta) ** 2, axis=1)), q
+
+        (qb_loss, qb_data), grads = jax.value_and_grad(q_beta_loss, has_aux=True)(agent.q_beta.params)
+        q_beta = agent.q_beta.apply_gradients(grads=grads)
+
+        # V: expectile regression toward the target Q^beta* (Eq. 18).
+        qb_target = jnp.min(q_apply(agent.q_beta_target, b.obs, b.actions), axis=0)
+
+        def value_loss(params):
+            v = v_apply(params, b.obs)
+            return expectile_loss(qb_target - v, args.expectile), v
+
+        (v_loss, v_pred), grads = jax.value_and_grad(value_loss, has_aux=True)(agent.value.params)
+        value = agent.value.apply_gradients(grads=grads)
+
+        def actor_step(carry):
+            actor, critic_target, q_beta_target, _ = carry
+            # The weight compares the best-buffer value with the current policy's value (Eq. 14).
+            q_beta_data = jnp.min(q_apply(q_beta.params, b.obs, b.actions), axis=0)
+            a0 = sample_a0(k_a0, b.actions.shape)
+            t = jax.random.uniform(k_t, b.actions.shape[:-1] + (1,))
+            if args.cfm_target == "pre-tanh":
+                a1 = jnp.arctanh(jnp.clip(b.actions, -1.0 + 1e-6, 1.0 - 1e-6))
+            else:
+                a1 = b.actions
+            a_t = t * a1 + (1.0 - t) * a0
+
+            def actor_loss(params):
+                q_pi = jnp.min(q_apply(critic.params, b.obs, policy(params, b.obs, k_pi)), axis=0)
+                w = jax.lax.stop_gradient(flow_matching_weight(q_beta_data, q_pi, args.lamda))
+                cfm = weighted_cfm_loss(actor.apply_fn(params, b.obs, a_t, t), a1 - a0, w, per_sample)
+                q_term = -jnp.mean(q_pi)
+                return q_term + cfm, {"q_term": q_term, "cfm_loss": cfm, "weight": jnp.mean(w)}
+
+            (loss, info), grads = jax.value_and_grad(actor_loss, has_aux=True)(actor.params)
+            actor = actor.apply_gradients(grads=grads)
+            polyak = lambda online, target: optax.incremental_update(online, target, args.tau)
+            info = {"actor_loss": loss, **info}
+            return actor, polyak(critic.params, critic_target), polyak(q_beta.params, q_beta_target), info
+
+        carry = (agent.actor, agent.critic_target, agent.q_beta_target, agent.actor_info)
+        do_actor = (agent.updates + 1) % args.policy_frequency == 0
+        actor, critic_target, q_beta_target, actor_info = jax.lax.cond(do_actor, actor_step, lambda c: c, carry)
+
+        agent = Agent(actor=actor, critic=critic, critic_target=critic_target, q_beta=q_beta,
+                      q_beta_target=q_beta_target, value=value, key=key, updates=agent.updates + 1,
+                      actor_info=actor_info)
+        info = {"qf_loss": qf_loss, "qf_values": jnp.mean(q_data), "q_beta_loss": qb_loss,
+                "q_beta_values": jnp.mean(qb_data), "value_loss": v_loss, "v_values": jnp.mean(v_pred),
+                **actor_info}
+        return agent, info
+
+    return jax.jit(update, donate_argnums=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation, saving, loading
+# ---------------------------------------------------------------------------------------------
+
+
+def make_act(args: Args, actor_apply, act_dim: int):
+    policy = make_policy(args, actor_apply, act_dim)
+
+    @jax.jit
+    def act(actor_params, obs, key):
+        key, sub = jax.random.split(key)
+        return policy(actor_params, obs[None], sub, args.eval_deterministic)[0], key
+
+    @jax.jit
+    def act_explore(actor_params, obs, key):
+        key, sub = jax.random.split(key)
+        return policy(actor_params, obs[None], sub)[0], key
+
+    return act, act_explore
+
+
+def evaluate(env, act, actor_params, key, episodes: int):
+    """Run `episodes` full episodes; return their undiscounted returns and the advanced key."""
+    returns = []
+    for _ in range(episodes):
+        obs, _ = env.reset()
+        done, total = False, 0.0
+        while not done:
+            action, key = act(actor_params, obs, key)
+            obs, reward, terminated, truncated, _ = env.step(np.asarray(action))
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+    return returns, key
+
+
+MODEL_CONFIG = ("env_id", "hidden_dim", "flow_steps", "integrator")
+
+
+def eval_only(args: Args) -> None:
+    """Rebuild the actor that the checkpoint was trained with and evaluate it on its env."""
+    config, raw = load_checkpoint(args.checkpoint, "flowrl", MODEL_CONFIG)
+    for name in MODEL_CONFIG:
+        setattr(args, name, config[name])
+    check_env_id(args.env_id)
+    env = make_env(args.env_id, args.seed)
+    env.reset(seed=args.seed)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    actor = VelocityField(act_dim, args.hidden_dim)
+    template = actor.init(jax.random.PRNGKey(0), jnp.zeros((1, obs_dim)), jnp.zeros((1, act_dim)), jnp.zeros((1, 1)))
+    params = restore_params(template, raw.get("actor"), args.checkpoint)
+    act, _ = make_act(args, actor.apply, act_dim)
+    returns, _ = evaluate(env, act, params, jax.random.PRNGKey(args.seed), args.eval_episodes)
+    print(f"{args.env_id}: eval return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training loop
+# ---------------------------------------------------------------------------------------------
+
+
+def train(args: Args) -> dict:
+    from tensorboardX import SummaryWriter
+    from tqdm import tqdm
+
+    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    try:
+        os.makedirs(run_dir, exist_ok=False)
+    except OSError as e:
+        raise ConfigError(f"cannot create the run folder {run_dir!r}: {e.strerror}") from None
+
+    key = seed_everything(args.seed)
+    env = make_env(args.env_id, args.seed)
+    eval_env = make_env(args.env_id, args.seed + 10_000)
+    eval_env.reset(seed=args.seed + 10_000)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+
+    key, k_agent, k_act, k_eval = jax.random.split(key, 4)
+    agent = create_agent(args, obs_dim, act_dim, k_agent)
+    buf = buffer_init(args.buffer_size, obs_dim, act_dim)
+    update = make_update(args, act_dim)
+    add = jax.jit(buffer_add, donate_argnums=0)
+    act_eval, act_explore = make_act(args, agent.actor.apply_fn, act_dim)
+
+    obs, _ = env.reset(seed=args.seed)
+    info, last_return, returns_seen = None, float("nan"), []
+    start = window_start = time.time()
+    window_step, postfix = 0, {}
+    bar = tqdm(total=args.total_timesteps, disable=not args.progress, dynamic_ncols=True, unit="step")
+    for global_step in range(args.total_timesteps):
+        if global_step < args.learning_starts:
+            action = env.action_space.sample()
+        else:
+            action, k_act = act_explore(agent.actor.params, obs, k_act)
+            action = np.asarray(action)
+        transition, obs, episode = env_step(env, obs, action)
+        buf = add(buf, *transition)
+        if global_step >= args.learning_starts:
+            agent, info = update(agent, buf)
+        if episode is not None:
+            last_return = float(episode["r"])
+            returns_seen.append(last_return)
+            writer.add_scalar("charts/episodic_return", last_return, global_step)
+            writer.add_scalar("charts/episodic_length", int(episode["l"]), global_step)
+
+        step = global_step + 1
+        if step % args.log_every == 0:
+            now = time.time()
+            sps, window_sps = int(step / (now - start)), int((step - window_step) / (now - window_start))
+            window_start, window_step = now, step
+            writer.add_scalar("charts/SPS", sps, step)
+            writer.add_scalar("charts/SPS_window", window_sps, step)
+            if info is not None:
+                for name, value in jax.device_get(info).items():
+                    writer.add_scalar(f"losses/{name}", float(value), step)
+            postfix["sps"] = window_sps
+        if step % args.eval_every == 0 and args.eval_episodes > 0:
+            eval_start = time.time()
+            eval_returns, k_eval = evaluate(eval_env, act_eval, agent.actor.params, k_eval, args.eval_episodes)
+            writer.add_scalar("eval/episodic_return", float(np.mean(eval_returns)), step)
+            postfix["eval"] = f"{np.mean(eval_returns):.1f}"
+            window_start += time.time() - eval_start  # SPS_window measures training only
+        if episode is not None or step % args.log_every == 0:
+            postfix["return"] = f"{last_return:.1f}"
+            bar.set_postfix(postfix, refresh=False)
+        bar.update(1)
+    bar.close()
+
+    compiles = update._cache_size()
+    if args.save_model:
+        path = os.path.join(run_dir, f"{args.exp_name}.msgpack")
+        params = {"actor": agent.actor.params, "critic": agent.critic.params,
+                  "q_beta": agent.q_beta.params, "value": agent.value.params}
+        save_params(path, "flowrl", {k: getattr(args, k) for k in MODEL_CONFIG}, params)
+        print(f"model saved to {path}")
+    writer.close()
+    env.close()
+    eval_env.close()
+    elapsed = time.time() - start
+    print(f"{args.total_timesteps} steps in {elapsed:.0f} s; update compiled {compiles} time(s); logs in {run_dir}")
+    return {"run_dir": run_dir, "compiles": compiles, "returns": returns_seen}
+
+
+def main(argv=None) -> int:
+    import tyro
+
+    args = tyro.cli(Args, args=argv)
+    try:
+        check_args(args)
+        if args.eval_only:
+            eval_only(args)
+        else:
+            train(args)
+    except ConfigError as e:
+        print(f"{os.path.basename(__file__)}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

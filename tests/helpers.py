@@ -1,0 +1,33 @@
+"""Running a script as a user would, and reading what it logged."""
+
+import glob
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(script: str, args: list[str], cwd: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONWARNINGS="ignore", MUJOCO_GL="egl")
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def only_run_dir(cwd: str) -> str:
+    dirs = glob.glob(os.path.join(cwd, "runs", "*"))
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def all_finite(points) -> bool:
+    return all(math.isfinite(v) for _, v in points)

@@ -1,0 +1,114 @@
+"""The shared pieces: replay buffer, env construction and what an env step stores."""
+
+import gymnasium as gym
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from common.buffer import buffer_add, buffer_init, buffer_sample
+from common.env import ConfigError, check_env_id, env_step, make_env
+
+
+def fill(buf, values):
+    for v in values:
+        o = np.full(buf.obs.shape[1], v, np.float32)
+        buf = buffer_add(buf, o, np.full(buf.actions.shape[1], v, np.float32), np.float32(v), o + 0.5, np.float32(0))
+    return buf
+
+
+def test_buffer_wraps_around_and_overwrites_the_oldest():
+    buf = fill(buffer_init(5, 2, 1), range(7))
+    assert int(buf.pos) == 2 and int(buf.size) == 5
+    np.testing.assert_array_equal(buf.obs[:, 0], [5, 6, 2, 3, 4])
+    np.testing.assert_array_equal(buf.next_obs[:, 0], [5.5, 6.5, 2.5, 3.5, 4.5])
+    np.testing.assert_array_equal(buf.rewards, [5, 6, 2, 3, 4])
+
+
+def test_sampling_never_reads_empty_slots():
+    buf = fill(buffer_init(100, 1, 1), range(1, 11))  # slots 10..99 are empty (zeros)
+    b = buffer_sample(buf, jax.random.PRNGKey(0), 2000, recent_frac=0.2, recent_size=50)
+    assert float(jnp.min(b.obs)) >= 1.0
+
+
+def test_recent_share_comes_from_the_newest_transitions_across_the_wrap():
+    capacity, recent, batch = 1000, 40, 2000
+    buf = fill(buffer_init(capacity, 1, 1), range(1, 1301))  # wrapped: newest value 1300 sits in slot 299
+    b = buffer_sample(buf, jax.random.PRNGKey(1), batch, recent_frac=0.25, recent_size=recent)
+    values = np.asarray(b.obs[:, 0])
+    newest = values >= 1300 - recent + 1
+    recent_part = values[-batch // 4:]
+    assert newest[-batch // 4:].all()  # the recent quarter is all from the newest 40
+    assert set(recent_part.astype(int)) == set(range(1261, 1301))  # and covers them
+    uniform_share = newest[: -batch // 4].mean()
+    assert abs(uniform_share - recent / capacity) < 0.02  # the rest is uniform over all 1000
+    assert values.min() >= 301  # nothing older than the overwritten range
+
+
+def test_recent_window_before_the_buffer_is_full():
+    buf = fill(buffer_init(10_000, 1, 1), range(1, 21))
+    b = buffer_sample(buf, jax.random.PRNGKey(2), 1000, recent_frac=1.0, recent_size=2048)
+    values = np.asarray(b.obs[:, 0])
+    assert values.min() >= 1 and values.max() <= 20 and len(set(values)) == 20
+
+
+class _ScriptedEnv(gym.Env):
+    """Observation = step count; terminates or truncates at a chosen step."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (1,), np.float32)
+    action_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+
+    def __init__(self, end_at=3, terminate=True):
+        self.end_at, self.terminate, self.t = end_at, terminate, 0
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.array([100.0], np.float32), {}  # a reset observation unlike any successor
+
+    def step(self, action):
+        self.t += 1
+        end = self.t == self.end_at
+        return np.array([self.t], np.float32), 1.0, end and self.terminate, end and not self.terminate, {}
+
+
+@pytest.mark.parametrize("terminate", [True, False])
+def test_episode_end_stores_the_true_successor_and_only_termination(terminate):
+    env = gym.wrappers.RecordEpisodeStatistics(_ScriptedEnv(end_at=3, terminate=terminate))
+    obs, _ = env.reset(seed=0)
+    stored = []
+    for _ in range(3):
+        transition, obs, episode = env_step(env, obs, np.zeros(1, np.float32))
+        stored.append(transition)
+    last_obs, _, reward, next_obs, terminated = stored[-1]
+    assert next_obs[0] == 3.0  # the final observation, not the reset one
+    assert terminated == (1.0 if terminate else 0.0)  # a truncation is stored as not terminated: it bootstraps
+    assert all(t[4] == 0.0 for t in stored[:-1])
+    assert obs[0] == 100.0  # the loop continues from the reset observation
+    assert episode is not None and float(episode["r"]) == 3.0 and int(episode["l"]) == 3
+
+
+def test_time_limit_truncates_in_a_real_mujoco_env():
+    env = make_env("Hopper-v4", 0)
+    env = gym.wrappers.TimeLimit(env.unwrapped, max_episode_steps=5)  # a short limit, same dynamics
+    env = gym.wrappers.RecordEpisodeStatistics(env)
+    obs, _ = env.reset(seed=0)
+    for _ in range(5):
+        transition, obs, episode = env_step(env, obs, np.zeros(3, np.float32))
+    assert episode is not None and transition[4] == 0.0
+
+
+def test_make_env_flattens_dm_control_and_rescales_actions():
+    env = make_env("dm_control/cartpole-balance-v0", 0)
+    obs, _ = env.reset(seed=0)
+    assert obs.dtype == np.float32 and obs.shape == (5,) and env.observation_space.shape == (5,)
+    assert np.all(env.action_space.low == -1) and np.all(env.action_space.high == 1)
+    env = make_env("Pendulum-v1", 0)  # bounds [-2, 2] are rescaled to [-1, 1]
+    assert np.all(env.action_space.high == 1)
+
+
+def test_unknown_env_id_is_refused_with_a_hint():
+    with pytest.raises(ConfigError, match="unknown --env-id 'Hoper-v4'.*Hopper-v4"):
+        check_env_id("Hoper-v4")
+    with pytest.raises(ConfigError, match="dm_control/<domain>-<task>-v0"):
+        check_env_id("dm_control/nothing-here-v0")
