@@ -119,7 +119,7 @@ import optax  # noqa: E402
 from flax import struct  # noqa: E402
 from flax.training.train_state import TrainState  # noqa: E402
 
-from common.buffer import ReplayBuffer, buffer_add, buffer_init, buffer_sample  # noqa: E402
+from common.buffer import Batch, ReplayBuffer, buffer_add, buffer_init, buffer_sample  # noqa: E402
 from common.checkpoint import load_checkpoint, restore_params, save_params  # noqa: E402
 from common.env import env_step, make_env, seed_everything  # noqa: E402
 
@@ -283,88 +283,94 @@ def make_policy(args: Args, actor_apply, act_dim: int):
     return policy
 
 
+def update_critics(args: Args, act_dim: int, agent: Agent, b: Batch, key):
+    """One step on Q^pi (Eq. 3), Q^beta* (Eq. 19) and V (Eq. 18), all from the same batch."""
+    q_apply, v_apply = agent.critic.apply_fn, agent.value.apply_fn
+    policy = make_policy(args, agent.actor.apply_fn, act_dim)
+    mask = 1.0 - b.terminated  # truncated transitions were stored with terminated = 0: they bootstrap
+
+    # Q^pi: y = r + gamma * mask * min Q_targ(s', a'), a' ~ pi(s'); no entropy term.
+    next_a = policy(agent.actor.params, b.next_obs, key)
+    y = b.rewards + args.gamma * mask * jnp.min(q_apply(agent.critic_target, b.next_obs, next_a), axis=0)
+
+    def critic_loss(params):
+        q = q_apply(params, b.obs, b.actions)
+        return jnp.sum(jnp.mean((q - y) ** 2, axis=1)), q
+
+    (qf_loss, q_data), grads = jax.value_and_grad(critic_loss, has_aux=True)(agent.critic.params)
+    critic = agent.critic.apply_gradients(grads=grads)
+
+    # Q^beta*: y_b = r + gamma * mask * V(s') with the online V (V has no target network).
+    y_beta = b.rewards + args.gamma * mask * v_apply(agent.value.params, b.next_obs)
+
+    def q_beta_loss(params):
+        q = q_apply(params, b.obs, b.actions)
+        return jnp.sum(jnp.mean((q - y_beta) ** 2, axis=1)), q
+
+    (qb_loss, qb_data), grads = jax.value_and_grad(q_beta_loss, has_aux=True)(agent.q_beta.params)
+    q_beta = agent.q_beta.apply_gradients(grads=grads)
+
+    # V: an upper expectile of the target Q^beta* over buffer actions approximates max_a' Q^beta* (Eq. 17-18).
+    qb_target = jnp.min(q_apply(agent.q_beta_target, b.obs, b.actions), axis=0)
+
+    def value_loss(params):
+        v = v_apply(params, b.obs)
+        return expectile_loss(qb_target - v, args.expectile), v
+
+    (v_loss, v_pred), grads = jax.value_and_grad(value_loss, has_aux=True)(agent.value.params)
+    value = agent.value.apply_gradients(grads=grads)
+
+    info = {"qf_loss": qf_loss, "qf_values": jnp.mean(q_data), "q_beta_loss": qb_loss,
+            "q_beta_values": jnp.mean(qb_data), "value_loss": v_loss, "v_values": jnp.mean(v_pred)}
+    return agent.replace(critic=critic, q_beta=q_beta, value=value), info
+
+
+def update_actor(args: Args, act_dim: int, agent: Agent, b: Batch, key) -> Agent:
+    """One step on the actor loss -Q^pi + weighted CFM (Eq. 22), then the soft target updates."""
+    q_apply = agent.critic.apply_fn
+    policy = make_policy(args, agent.actor.apply_fn, act_dim)
+    k_pi, k_a0, k_t = jax.random.split(key, 3)
+    # The weight compares the best buffer policy's value with the current policy's (Eq. 14).
+    q_beta_data = jnp.min(q_apply(agent.q_beta.params, b.obs, b.actions), axis=0)
+    a0 = sample_a0(k_a0, b.actions.shape)
+    t = jax.random.uniform(k_t, b.actions.shape[:-1] + (1,))
+    if args.cfm_target == "pre-tanh":
+        a1 = jnp.arctanh(jnp.clip(b.actions, -1.0 + 1e-6, 1.0 - 1e-6))
+    else:
+        a1 = b.actions
+    a_t = t * a1 + (1.0 - t) * a0  # the straight path from a0 to the buffer action; its velocity is a1 - a0
+
+    def actor_loss(params):
+        q_pi = jnp.min(q_apply(agent.critic.params, b.obs, policy(params, b.obs, k_pi)), axis=0)
+        w = jax.lax.stop_gradient(flow_matching_weight(q_beta_data, q_pi, args.lamda))
+        cfm = weighted_cfm_loss(agent.actor.apply_fn(params, b.obs, a_t, t), a1 - a0, w, args.cfm_weighting == "sample")
+        q_term = -jnp.mean(q_pi)
+        return q_term + cfm, {"q_term": q_term, "cfm_loss": cfm, "weight": jnp.mean(w)}
+
+    (loss, info), grads = jax.value_and_grad(actor_loss, has_aux=True)(agent.actor.params)
+    polyak = lambda online, target: optax.incremental_update(online, target, args.tau)
+    return agent.replace(
+        actor=agent.actor.apply_gradients(grads=grads),
+        critic_target=polyak(agent.critic.params, agent.critic_target),
+        q_beta_target=polyak(agent.q_beta.params, agent.q_beta_target),
+        actor_info={"actor_loss": loss, **info},
+    )
+
+
 def make_update(args: Args, act_dim: int):
-    """Build the jitted gradient step: sample a batch on device, update Q^pi (Eq. 3), Q^beta* (Eq. 19)
-    and V (Eq. 18); every `policy_frequency` updates also the actor (Eq. 22) and the targets.
-    One compiled call per gradient step, no host round-trip inside. The buffer is only read here
-    (the insert is its own donated call): XLA would otherwise copy the whole buffer every step."""
-    q_apply = TwinQ(args.hidden_dim).apply
-    v_apply = ValueMLP(args.hidden_dim).apply
-    per_sample = args.cfm_weighting == "sample"
+    """The whole gradient step as one jitted call: sample a batch on device, update the critics, and
+    every `policy_frequency` calls the actor and the targets (Alg. 1). No host round-trip inside.
+    The buffer is only read here (inserting is its own donated call): XLA would otherwise copy the
+    whole buffer on every step."""
 
     def update(agent: Agent, buf: ReplayBuffer):
-        key, k_batch, k_next, k_pi, k_a0, k_t = jax.random.split(agent.key, 6)
+        key, k_batch, k_critic, k_actor = jax.random.split(agent.key, 4)
         b = buffer_sample(buf, k_batch, args.batch_size, args.recent_frac, args.recent_size)
-        policy = make_policy(args, agent.actor.apply_fn, act_dim)
-        mask = 1.0 - b.terminated  # truncated transitions were stored with terminated = 0: they bootstrap
-
-        # Q^pi: y = r + gamma * mask * min Q_targ(s', a'), a' ~ pi(s') (Eq. 3), no entropy term.
-        next_a = policy(agent.actor.params, b.next_obs, k_next)
-        y = b.rewards + args.gamma * mask * jnp.min(q_apply(agent.critic_target, b.next_obs, next_a), axis=0)
-
-        def critic_loss(params):
-            q = q_apply(params, b.obs, b.actions)
-            return jnp.sum(jnp.mean((q - y) ** 2, axis=1)), q
-
-        (qf_loss, q_data), grads = jax.value_and_grad(critic_loss, has_aux=True)(agent.critic.params)
-        critic = agent.critic.apply_gradients(grads=grads)
-
-        # Q^beta*: y_b = r + gamma * mask * V(s') with the online V (Eq. 19).
-        y_beta = b.rewards + args.gamma * mask * v_apply(agent.value.params, b.next_obs)
-
-        def q_beta_loss(params):
-            q = q_apply(params, b.obs, b.actions)
-            return jnp.sum(jnp.mean((q - y_beta) ** 2, axis=1)), q
-
-        (qb_loss, qb_data), grads = jax.value_and_grad(q_beta_loss, has_aux=True)(agent.q_beta.params)
-        q_beta = agent.q_beta.apply_gradients(grads=grads)
-
-        # V: expectile regression toward the target Q^beta* (Eq. 18).
-        qb_target = jnp.min(q_apply(agent.q_beta_target, b.obs, b.actions), axis=0)
-
-        def value_loss(params):
-            v = v_apply(params, b.obs)
-            return expectile_loss(qb_target - v, args.expectile), v
-
-        (v_loss, v_pred), grads = jax.value_and_grad(value_loss, has_aux=True)(agent.value.params)
-        value = agent.value.apply_gradients(grads=grads)
-
-        def actor_step(carry):
-            actor, critic_target, q_beta_target, _ = carry
-            # The weight compares the best-buffer value with the current policy's value (Eq. 14).
-            q_beta_data = jnp.min(q_apply(q_beta.params, b.obs, b.actions), axis=0)
-            a0 = sample_a0(k_a0, b.actions.shape)
-            t = jax.random.uniform(k_t, b.actions.shape[:-1] + (1,))
-            if args.cfm_target == "pre-tanh":
-                a1 = jnp.arctanh(jnp.clip(b.actions, -1.0 + 1e-6, 1.0 - 1e-6))
-            else:
-                a1 = b.actions
-            a_t = t * a1 + (1.0 - t) * a0
-
-            def actor_loss(params):
-                q_pi = jnp.min(q_apply(critic.params, b.obs, policy(params, b.obs, k_pi)), axis=0)
-                w = jax.lax.stop_gradient(flow_matching_weight(q_beta_data, q_pi, args.lamda))
-                cfm = weighted_cfm_loss(actor.apply_fn(params, b.obs, a_t, t), a1 - a0, w, per_sample)
-                q_term = -jnp.mean(q_pi)
-                return q_term + cfm, {"q_term": q_term, "cfm_loss": cfm, "weight": jnp.mean(w)}
-
-            (loss, info), grads = jax.value_and_grad(actor_loss, has_aux=True)(actor.params)
-            actor = actor.apply_gradients(grads=grads)
-            polyak = lambda online, target: optax.incremental_update(online, target, args.tau)
-            info = {"actor_loss": loss, **info}
-            return actor, polyak(critic.params, critic_target), polyak(q_beta.params, q_beta_target), info
-
-        carry = (agent.actor, agent.critic_target, agent.q_beta_target, agent.actor_info)
+        agent, info = update_critics(args, act_dim, agent, b, k_critic)
         do_actor = (agent.updates + 1) % args.policy_frequency == 0
-        actor, critic_target, q_beta_target, actor_info = jax.lax.cond(do_actor, actor_step, lambda c: c, carry)
-
-        agent = Agent(actor=actor, critic=critic, critic_target=critic_target, q_beta=q_beta,
-                      q_beta_target=q_beta_target, value=value, key=key, updates=agent.updates + 1,
-                      actor_info=actor_info)
-        info = {"qf_loss": qf_loss, "qf_values": jnp.mean(q_data), "q_beta_loss": qb_loss,
-                "q_beta_values": jnp.mean(qb_data), "value_loss": v_loss, "v_values": jnp.mean(v_pred),
-                **actor_info}
-        return agent, info
+        agent = jax.lax.cond(do_actor, lambda a: update_actor(args, act_dim, a, b, k_actor), lambda a: a, agent)
+        agent = agent.replace(key=key, updates=agent.updates + 1)
+        return agent, {**info, **agent.actor_info}
 
     return jax.jit(update, donate_argnums=0)
 
