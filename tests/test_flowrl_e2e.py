@@ -87,3 +87,19 @@ def test_corrupt_or_foreign_checkpoint_is_refused(tmp_path):
     empty_actor = tmp_path / "empty.msgpack"
     empty_actor.write_bytes(good)
     check_refused(tmp_path, ["--eval-only", "--checkpoint", str(empty_actor)], "does not fit this network")
+
+
+def test_same_seed_same_run(tmp_path):
+    """Env, action space, numpy and JAX are all seeded: two runs with one seed log the same numbers."""
+    logged = []
+    for i in range(2):
+        cwd = tmp_path / str(i)
+        cwd.mkdir()
+        result = run_script("flowrl_jax.py", ["--env-id", "Hopper-v4", "--total-timesteps", "800", "--learning-starts", "500",
+                                              "--seed", "7", "--hidden-dim", "16", "--batch-size", "16", "--buffer-size", "1000",
+                                              "--log-every", "100", "--eval-every", "800", "--eval-episodes", "1", "--no-progress"], cwd=cwd)
+        assert result.returncode == 0, result.stderr[-2000:]
+        scalars = read_scalars(only_run_dir(cwd))
+        logged.append({tag: values for tag, values in scalars.items() if not tag.startswith("charts/SPS")})
+    assert logged[0] == logged[1]
+    assert len(logged[0]["losses/actor_loss"]) == 3
