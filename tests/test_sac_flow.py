@@ -1,0 +1,314 @@
+"""SAC Flow-G / Flow-T: the path density, the marginal drift, the networks, batch renormalisation,
+short end-to-end runs of both scripts, and bad input."""
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+import sac_flow_g as G
+import sac_flow_t as T
+from helpers import all_finite, only_run_dir, read_scalars, run_script
+
+# ---------------------------------------------------------------------------------------------
+# Path log-density
+# ---------------------------------------------------------------------------------------------
+
+
+def toy_step(s, x, t):
+    """A nonlinear velocity and a time-dependent noise level, known in closed form."""
+    v = jnp.sin(x) * jnp.mean(s, axis=-1, keepdims=True) + t
+    log_std = -0.5 + t * jnp.ones_like(x)
+    return v, log_std
+
+
+def numpy_drift(v, x, t, sigma, drift):
+    if drift == "plain":
+        return v
+    return v * (1 + sigma**2 * t / (2 * (1 - t))) - sigma**2 * x / (2 * (1 - t))
+
+
+@pytest.mark.parametrize("drift", ["plain", "marginal"])
+def test_path_log_density_matches_scipy(drift):
+    K, scale, bias = 3, 2.0, 0.3
+    s = jnp.array(np.random.default_rng(0).normal(size=(64, 5)), jnp.float32)
+    action, log_prob, path = G.flow_rollout(toy_step, s, jax.random.PRNGKey(3), 2, K, drift, scale=scale, bias=bias)
+    xs = [np.asarray(x, np.float64) for x in path["xs"]]
+    s_np, dt = np.asarray(s, np.float64), 1.0 / K
+    expected = stats.norm.logpdf(xs[0]).sum(-1)
+    for k in range(K):
+        t = k * dt
+        v = np.sin(xs[k]) * s_np.mean(-1, keepdims=True) + t
+        sigma = np.exp(-0.5 + t)
+        mean = xs[k] + dt * numpy_drift(v, xs[k], t, sigma, drift)
+        expected += stats.norm.logpdf(xs[k + 1], loc=mean, scale=sigma * math.sqrt(dt)).sum(-1)
+    expected -= np.log(scale * (1 - np.tanh(xs[K]) ** 2) + 1e-6).sum(-1)
+    np.testing.assert_allclose(np.asarray(log_prob), expected, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(action), np.tanh(xs[K]) * scale + bias, rtol=1e-5, atol=1e-6)
+    # the -log sigma terms are in: a rollout with 10x the noise has a lower density by about K * D * log 10
+    assert np.isfinite(expected).all()
+
+
+def test_log_sigma_terms_are_counted():
+    x0 = jnp.zeros((1, 2))
+    narrow = G.path_log_prob([x0, x0], [x0], [jnp.full((1, 2), 0.1)])
+    wide = G.path_log_prob([x0, x0], [x0], [jnp.full((1, 2), 1.0)])
+    assert float((narrow - wide)[0]) == pytest.approx(2 * math.log(10.0), rel=1e-5)
+
+
+@pytest.mark.parametrize("scale,bias", [(1.0, 0.0), (2.0, 0.5)])
+def test_one_step_linear_flow_integrates_to_the_closed_form_action_density(scale, bias):
+    # K = 1, v = alpha x + beta, constant sigma: x_1 = (1 + alpha) x_0 + beta + sigma eps, so
+    # x_1 ~ N(beta, (1 + alpha)^2 + sigma^2) and a = tanh(x_1) scale + bias. Integrating the path
+    # density over x_0 must give that density of a.
+    alpha, beta, sigma = -0.4, 0.3, 0.7
+    x0 = jnp.linspace(-9.0, 9.0, 6001)[:, None]
+    for x1_value in [-1.2, 0.1, 0.8]:
+        x1 = jnp.full_like(x0, x1_value)
+        mean = x0 + (alpha * x0 + beta)
+        log_joint = G.path_log_prob([x0, x1], [mean], [jnp.full_like(x0, sigma)], scale)
+        marginal = np.trapezoid(np.exp(np.asarray(log_joint, np.float64)), np.asarray(x0[:, 0], np.float64))
+        closed = stats.norm.pdf(x1_value, beta, math.sqrt((1 + alpha) ** 2 + sigma**2)) / (scale * (1 - math.tanh(x1_value) ** 2))
+        assert marginal == pytest.approx(closed, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The marginal-preserving drift
+# ---------------------------------------------------------------------------------------------
+
+MU, S = 1.5, 0.5  # the flow transports N(0, I) to N(MU, S^2 I)
+
+
+def gaussian_flow_step(log_sigma):
+    """Marginal velocity of the straight path x_t = (1 - t) x0 + t (MU + S z) with independent
+    x0, z ~ N(0, I): v = E[x1 - x0 | x_t] = MU + (t S^2 - (1 - t)) / var_t (x - t MU)."""
+
+    def step(s, x, t):
+        var_t = (1 - t) ** 2 + t**2 * S**2
+        v = MU + (t * S**2 - (1 - t)) / var_t * (x - t * MU)
+        return v, jnp.full_like(x, log_sigma)
+
+    return step
+
+
+def test_marginal_drift_keeps_the_final_law_and_the_plain_drift_does_not():
+    K, n, sigma = 200, 20_000, 0.8
+    s = jnp.zeros((n, 1))
+    key = jax.random.PRNGKey(7)
+    final = {}
+    for name, drift, log_sigma in [("ode", "plain", -30.0), ("marginal", "marginal", math.log(sigma)),
+                                   ("plain", "plain", math.log(sigma))]:
+        path = G.flow_rollout(gaussian_flow_step(log_sigma), s, key, 2, K, drift)[2]
+        final[name] = np.asarray(path["xs"][-1]).ravel()
+    mean_se, var_se = S / math.sqrt(2 * n), S**2 * math.sqrt(2 / (2 * n))
+    assert abs(final["ode"].mean() - MU) < 0.01 and abs(final["ode"].var() - S**2) < 0.01  # Euler at K = 200
+    assert abs(final["marginal"].mean() - final["ode"].mean()) < 4 * mean_se + 0.01
+    assert abs(final["marginal"].var() - final["ode"].var()) < 4 * var_se + 0.01
+    # without the correction the noise piles up: the final variance is far too large
+    assert final["plain"].var() - final["ode"].var() > 0.2
+
+
+def test_drifts_agree_without_noise():
+    v, x = jnp.array([0.3, -1.0]), jnp.array([2.0, 0.5])
+    np.testing.assert_allclose(G.marginal_drift(v, x, 0.5, 0.0), v)
+    # by hand at t = 0.5, sigma = 1: v (1 + 0.5 / 1) - x / 1
+    np.testing.assert_allclose(G.marginal_drift(v, x, 0.5, 1.0), 1.5 * v - x, rtol=1e-6)
+    assert G.plain_drift(v, x, 0.5, 1.0) is v
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------
+
+
+def test_gate_starts_at_sigmoid_five():
+    net = G.GatedVelocity(act_dim=3, hidden_dim=64, time_emb_dim=32)
+    rng = np.random.default_rng(1)
+    s, x, t = (jnp.array(rng.normal(size=shape), jnp.float32) for shape in [(16, 11), (16, 3), (16, 1)])
+    params = net.init(jax.random.PRNGKey(0), s, x, t)
+    v, inter = net.apply(params, s, x, t, mutable=["intermediates"])
+    gate = np.asarray(inter["intermediates"]["gate"][0])
+    np.testing.assert_allclose(gate, 1 / (1 + math.exp(-5.0)), rtol=1e-6)
+    assert gate.min() == pytest.approx(0.9933, abs=1e-4)
+    assert v.shape == (16, 3)
+
+
+def test_log_std_is_mapped_into_its_range():
+    raw = jnp.array([-100.0, 0.0, 100.0])
+    np.testing.assert_allclose(G.squash_log_std(raw, -5.0, 2.0), [-5.0, -1.5, 2.0], atol=1e-6)
+
+
+def test_flow_t_attention_shapes_and_masks():
+    B, d, heads = 5, 96, 4
+    rng = np.random.default_rng(2)
+    tokens = jnp.array(rng.normal(size=(B, 3, d)), jnp.float32)
+    state = jnp.array(rng.normal(size=(B, 1, d)), jnp.float32)
+    attn = T.MultiHeadAttention(d, heads)
+    params = attn.init(jax.random.PRNGKey(0), tokens, tokens)
+    out, w = attn.apply(params, tokens, tokens, jnp.eye(3, dtype=bool))
+    assert out.shape == (B, 3, d) and w.shape == (B, heads, 3, 3)
+    np.testing.assert_allclose(w, np.broadcast_to(np.eye(3), w.shape), atol=1e-6)  # diagonal mask: only itself
+    out, w = attn.apply(params, tokens, state)
+    assert out.shape == (B, 3, d) and w.shape == (B, heads, 3, 1)
+    np.testing.assert_allclose(w, 1.0)  # one state token: all weight on it
+    one = tokens[:, :1]
+    _, w = attn.apply(params, one, one, jnp.eye(1, dtype=bool))
+    np.testing.assert_allclose(w, 1.0)  # the rollout's single action-time token
+
+    velocity = T.DecodedVelocity(act_dim=3, d_model=d, n_heads=heads, n_layers=2)
+    s, x, t = jnp.ones((B, 11)), jnp.ones((B, 3)), jnp.full((B, 1), 0.25)
+    vp = velocity.init(jax.random.PRNGKey(1), s, x, t)
+    assert velocity.apply(vp, s, x, t).shape == (B, 3)
+    assert set(vp["params"]) >= {"block_0", "block_1", "velocity_head", "action_embedding"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch renormalisation
+# ---------------------------------------------------------------------------------------------
+
+X = jnp.array([[1.0, 2.0], [3.0, 6.0]])  # batch mean [2, 4], biased variance [1, 4]
+EPS = 1e-3
+
+
+def brn(train, **kw):
+    module = G.BatchRenorm(train=train, momentum=0.9, epsilon=EPS, **kw)
+    return module, module.init(jax.random.PRNGKey(0), X)
+
+
+def test_batch_renorm_training_mode_before_renorm_is_batch_norm():
+    module, variables = brn(True)
+    y, new = module.apply(variables, X, False, mutable=["batch_stats"])
+    std = np.sqrt(np.array([1.0, 4.0]) + EPS)
+    np.testing.assert_allclose(y, (np.asarray(X) - [2.0, 4.0]) / std, rtol=1e-6)
+    # running statistics start at (0, 1) and move 10% toward the batch's
+    np.testing.assert_allclose(new["batch_stats"]["mean"], [0.2, 0.4], rtol=1e-6)
+    np.testing.assert_allclose(new["batch_stats"]["var"], [1.0, 1.3], rtol=1e-6)
+
+
+def test_batch_renorm_training_mode_with_renorm_by_hand():
+    module, variables = brn(True, r_max=1.5, d_max=3.0)
+    y, _ = module.apply(variables, X, True, mutable=["batch_stats"])
+    std = np.sqrt(np.array([1.0, 4.0]) + EPS)
+    ra_std = math.sqrt(1.0 + EPS)  # running mean 0, variance 1
+    r = np.clip(std / ra_std, 1 / 1.5, 1.5)  # [1, 1.999 -> 1.5]
+    d = np.clip(np.array([2.0, 4.0]) / ra_std, -3.0, 3.0)  # [1.999, 3.998 -> 3]
+    assert r[1] == 1.5 and d[1] == 3.0
+    np.testing.assert_allclose(y, (np.asarray(X) - [2.0, 4.0]) / std * r + d, rtol=1e-5)
+
+
+def test_batch_renorm_evaluation_mode_uses_running_statistics():
+    module = G.BatchRenorm(train=False, epsilon=EPS)
+    variables = {"params": {"scale": jnp.array([2.0, 1.0]), "bias": jnp.array([0.5, 0.0])},
+                 "batch_stats": {"mean": jnp.array([1.0, -1.0]), "var": jnp.array([4.0, 0.25])}}
+    y = module.apply(variables, X)
+    expected = (np.asarray(X) - [1.0, -1.0]) / np.sqrt(np.array([4.0, 0.25]) + EPS) * [2.0, 1.0] + [0.5, 0.0]
+    np.testing.assert_allclose(y, expected, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------------
+
+TINY = ["--env-id", "Hopper-v4", "--total-timesteps", "500", "--learning-starts", "250", "--batch-size", "32",
+        "--buffer-size", "1000", "--critic-width", "32", "--log-std-hidden", "16", "--log-every", "50",
+        "--eval-every", "500", "--eval-episodes", "1", "--no-progress", "--save-model"]
+RUNS = {
+    "gated": ("sac_flow_g.py", ["--hidden-dim", "32"]),
+    "naive_target_marginal": ("sac_flow_g.py", ["--hidden-dim", "16", "--velocity", "mlp", "--target-network",
+                                                "--drift", "marginal", "--flow-steps", "2"]),
+    "decoded": ("sac_flow_t.py", ["--d-model", "16", "--n-heads", "2", "--n-layers", "1"]),
+}
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_short_run_learns_logs_saves_and_reloads(tmp_path, name):
+    script, extra = RUNS[name]
+    result = run_script(script, TINY + extra, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "update compiled 1 time(s)" in result.stdout  # one compiled update for the whole run
+
+    run_dir = only_run_dir(tmp_path)
+    scalars = read_scalars(run_dir)
+    K = int(extra[extra.index("--flow-steps") + 1]) if "--flow-steps" in extra else 4
+    tags = ["charts/episodic_return", "charts/episodic_length", "charts/SPS", "eval/episodic_return", "losses/qf_loss",
+            "losses/qf_values", "losses/actor_loss", "losses/alpha", "losses/alpha_loss", "losses/entropy",
+            "losses/log_std", *[f"grad/step_{k}" for k in range(K)]]
+    for tag in tags:
+        assert tag in scalars and scalars[tag] and all_finite(scalars[tag]), tag
+    assert f"grad/step_{K}" not in scalars
+    assert scalars["losses/qf_loss"][0][0] == 300  # the first log point after learning starts at 250
+    alphas = [v for _, v in scalars["losses/alpha"]]
+    assert alphas[-1] != pytest.approx(0.2, abs=1e-4)  # autotuned away from its initial value
+    assert all(v > 0 for v in alphas)
+
+    model = os.path.join(run_dir, f"{script[:-3]}.msgpack")
+    assert os.path.isfile(model)
+    result = run_script(script, ["--eval-only", "--checkpoint", model, "--eval-episodes", "1", "--no-progress"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Hopper-v4: eval return" in result.stdout and "over 1 episodes" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit status 2, nothing started
+# ---------------------------------------------------------------------------------------------
+
+BAD_BOTH = [
+    (["--env-id", "Hoper-v4"], ["unknown --env-id 'Hoper-v4'", "Hopper-v4"]),
+    (["--learning-starts", "2000", "--total-timesteps", "1000"], ["--learning-starts 2000", "--total-timesteps 1000"]),
+    (["--batch-size", "512", "--buffer-size", "100"], ["--batch-size 512", "--buffer-size 100"]),
+    (["--batch-size", "-4"], ["--batch-size must be positive, got -4"]),
+    (["--q-lr", "0"], ["--q-lr must be positive, got 0"]),
+    (["--policy-lr", "-0.001"], ["--policy-lr must be positive, got -0.001"]),
+    (["--alpha-lr", "0"], ["--alpha-lr must be positive"]),
+    (["--flow-steps", "0"], ["--flow-steps must be positive, got 0"]),
+    (["--critic-width", "0"], ["--critic-width must be positive, got 0"]),
+    (["--tau", "0"], ["--tau must be in (0.0, 1.0], got 0.0"]),
+    (["--gamma", "1.5"], ["--gamma must be in [0.0, 1.0], got 1.5"]),
+    (["--eval-only"], ["--eval-only needs --checkpoint"]),
+    (["--eval-only", "--checkpoint", "missing.msgpack"], ["'missing.msgpack' is not a file"]),
+]
+BAD = [(G, args, f) for args, f in BAD_BOTH] + [(T, args, f) for args, f in BAD_BOTH] + [
+    (T, ["--d-model", "100", "--n-heads", "3"], ["--d-model 100 is not divisible by --n-heads 3"]),
+    (T, ["--n-heads", "0"], ["--n-heads must be positive, got 0"]),
+    (G, ["--time-emb-dim", "7"], ["--time-emb-dim must be an even number"]),
+]
+
+
+@pytest.mark.parametrize("module,args,fragments", BAD, ids=[f"{m.__name__}:{' '.join(a)}" for m, a, _ in BAD])
+def test_bad_input_is_one_line_before_anything_starts(tmp_path, monkeypatch, capsys, module, args, fragments):
+    monkeypatch.chdir(tmp_path)
+    assert module.main(args) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"{module.__name__}.py: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert not os.path.exists(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("script,args,fragment", [
+    ("sac_flow_t.py", ["--d-model", "96", "--n-heads", "5"], "--d-model 96 is not divisible by --n-heads 5"),
+    ("sac_flow_g.py", ["--flow-steps", "-1"], "--flow-steps must be positive, got -1"),
+])
+def test_bad_input_as_a_user_sees_it(tmp_path, script, args, fragment):
+    result = run_script(script, args, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "warn" not in line.lower()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert fragment in lines[0]
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_checkpoint_of_the_other_script_is_refused(tmp_path, monkeypatch, capsys):
+    from flax import serialization
+
+    foreign = tmp_path / "g.msgpack"
+    foreign.write_bytes(serialization.msgpack_serialize({"algo": "sac_flow_g", "config": {}, "params": {}}))
+    monkeypatch.chdir(tmp_path)
+    assert T.main(["--eval-only", "--checkpoint", str(foreign)]) == 2
+    assert "holds a sac_flow_g model, not a sac_flow_t one" in capsys.readouterr().err
