@@ -466,7 +466,7 @@ def train(args: Args) -> dict:
     obs, _ = env.reset(seed=args.seed)
     info, last_return, returns_seen = None, float("nan"), []
     start = window_start = time.time()
-    window_step, postfix = 0, {}
+    window_step, postfix, learn_start_time = 0, {}, None
     bar = tqdm(total=args.total_timesteps, disable=not args.progress, dynamic_ncols=True, unit="step")
     for global_step in range(args.total_timesteps):
         if global_step < args.learning_starts:
@@ -477,6 +477,8 @@ def train(args: Args) -> dict:
         transition, obs, episode = env_step(env, obs, action)
         buf = add(buf, *transition)
         if global_step >= args.learning_starts:
+            if learn_start_time is None:
+                learn_start_time = time.time()
             agent, info = update(agent, buf)
         if episode is not None:
             last_return = float(episode["r"])
@@ -500,12 +502,17 @@ def train(args: Args) -> dict:
             eval_returns, k_eval = evaluate(eval_env, act_eval, agent.actor.params, k_eval, args.eval_episodes)
             writer.add_scalar("eval/episodic_return", float(np.mean(eval_returns)), step)
             postfix["eval"] = f"{np.mean(eval_returns):.1f}"
-            window_start += time.time() - eval_start  # SPS_window measures training only
+            eval_time = time.time() - eval_start
+            window_start += eval_time  # SPS_window measures training only
+            if learn_start_time is not None:
+                learn_start_time += eval_time
         if episode is not None or step % args.log_every == 0:
             postfix["return"] = f"{last_return:.1f}"
             bar.set_postfix(postfix, refresh=False)
         bar.update(1)
     bar.close()
+    jax.block_until_ready(agent)
+    end = time.time()
 
     compiles = update._cache_size()
     if args.save_model:
@@ -517,9 +524,11 @@ def train(args: Args) -> dict:
     writer.close()
     env.close()
     eval_env.close()
-    elapsed = time.time() - start
-    print(f"{args.total_timesteps} steps in {elapsed:.0f} s; update compiled {compiles} time(s); logs in {run_dir}")
-    return {"run_dir": run_dir, "compiles": compiles, "returns": returns_seen}
+    learn_steps = args.total_timesteps - args.learning_starts
+    learn_sps = learn_steps / (end - learn_start_time) if learn_start_time is not None and learn_steps > 0 else float("nan")
+    print(f"{args.total_timesteps} steps in {end - start:.0f} s ({learn_sps:.1f} env steps/s while learning, "
+          f"evaluation excluded); update compiled {compiles} time(s); logs in {run_dir}")
+    return {"run_dir": run_dir, "compiles": compiles, "returns": returns_seen, "learn_sps": learn_sps}
 
 
 def main(argv=None) -> int:

@@ -5,8 +5,8 @@
 
 For each script and env, at the script's default (the authors') hyperparameters:
 - compile time and gradient steps per second of the update alone (buffer filled with random data);
-- FLOPs per env step from XLA's cost_analysis() of the compiled pieces, and the share of the matmul
-  peak that the update reaches;
+- FLOPs per env step from XLA's cost_analysis() of the compiled update with the actor branch forced
+  on and off (critic FLOPs + actor FLOPs / policy delay), and the share of the matmul peak reached;
 - env steps per second of the training loop after learning_starts (the script run as a user runs it,
   read back from its `charts/SPS_window`).
 Writes benchmarks/results/throughput_<device>.json and .md, stamped with the machine and versions.
@@ -14,6 +14,7 @@ Writes benchmarks/results/throughput_<device>.json and .md, stamped with the mac
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib
 import json
@@ -74,6 +75,19 @@ def _flops(compiled) -> float:
     return float(cost.get("flops", float("nan")))
 
 
+@contextlib.contextmanager
+def forced_cond(take_true: bool):
+    """Within the block, jax.lax.cond always takes one branch (for costing each branch alone)."""
+    import jax
+
+    original = jax.lax.cond
+    jax.lax.cond = lambda pred, true_fn, false_fn, *operands: (true_fn if take_true else false_fn)(*operands)
+    try:
+        yield
+    finally:
+        jax.lax.cond = original
+
+
 def measure_update(module_name: str, env_id: str, steps: int) -> dict:
     import jax
 
@@ -98,15 +112,14 @@ def measure_update(module_name: str, env_id: str, steps: int) -> dict:
     compiled = update.lower(agent, buf).compile()
     compile_s = time.perf_counter() - t
     flops_update = _flops(compiled)
-    per_env_step = flops_update
-    if hasattr(module, "update_critics") and hasattr(module, "update_actor"):
-        # lax.cond's cost counts both branches; cost the two halves apart for the true average.
-        from common.buffer import buffer_sample
-
-        batch = buffer_sample(buf, jax.random.PRNGKey(1), args.batch_size, args.recent_frac, args.recent_size)
-        critics = jax.jit(lambda a, b, k: module.update_critics(args, act_dim, a, b, k)).lower(agent, batch, agent.key).compile()
-        actor = jax.jit(lambda a, b, k: module.update_actor(args, act_dim, a, b, k)).lower(agent, batch, agent.key).compile()
-        per_env_step = _flops(critics) + _flops(actor) / args.policy_frequency
+    # XLA's cost of a lax.cond is not the cost of the branch taken, so cost the update twice with the
+    # actor branch forced on and off; the actor runs on one of every `delay` updates.
+    delay = getattr(args, "policy_frequency", getattr(args, "policy_delay", 1))
+    with forced_cond(True):
+        with_actor = _flops(module.make_update(args, act_dim).lower(agent, buf).compile())
+    with forced_cond(False):
+        critics_only = _flops(module.make_update(args, act_dim).lower(agent, buf).compile())
+    per_env_step = critics_only + (with_actor - critics_only) / delay
 
     for _ in range(3):  # warm up, including a first actor update
         agent, info = update(agent, buf)
@@ -116,7 +129,8 @@ def measure_update(module_name: str, env_id: str, steps: int) -> dict:
         agent, info = update(agent, buf)
     jax.block_until_ready((agent, info))
     rate = steps / (time.perf_counter() - t)
-    return {"compile_s": compile_s, "grad_steps_per_s": rate, "gflop_update_both_branches": flops_update / 1e9,
+    return {"compile_s": compile_s, "grad_steps_per_s": rate, "gflop_update_xla_cond": flops_update / 1e9,
+            "gflop_critic_step": critics_only / 1e9, "gflop_critic_and_actor_step": with_actor / 1e9,
             "gflop_per_env_step": per_env_step / 1e9, "update_gflops": rate * per_env_step / 1e9,
             "batch_size": args.batch_size}
 
