@@ -163,7 +163,7 @@ from flax.training.train_state import TrainState  # noqa: E402
 
 from common.buffer import ReplayBuffer, buffer_add, buffer_init, buffer_sample  # noqa: E402
 from common.checkpoint import load_checkpoint, restore_params, save_params  # noqa: E402
-from common.env import env_step, make_env, seed_everything  # noqa: E402
+from common.env import env_step, evaluate, make_env, seed_everything  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Critics: CrossQ's batch-renormalised MLPs, evaluated as one vmapped ensemble
@@ -623,21 +623,6 @@ def make_act(args: Args, actor_apply, act_dim: int):
         return policy(actor_params, obs[None], sub)[0][0], key
 
     return act, act_explore
-
-
-def evaluate(env, act, actor_params, key, episodes: int):
-    """Run `episodes` full episodes; return their undiscounted returns and the advanced key."""
-    returns = []
-    for _ in range(episodes):
-        obs, _ = env.reset()
-        done, total = False, 0.0
-        while not done:
-            action, key = act(actor_params, obs, key)
-            obs, reward, terminated, truncated, _ = env.step(np.asarray(action))
-            total += float(reward)
-            done = terminated or truncated
-        returns.append(total)
-    return returns, key
 
 
 ALGO = "sac_flow_t"

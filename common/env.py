@@ -111,3 +111,19 @@ def env_step(env: gym.Env, obs: np.ndarray, action: np.ndarray):
         episode = info.get("episode")
         next_obs, _ = env.reset()
     return transition, next_obs, episode
+
+
+def evaluate(env: gym.Env, act, actor_params, key, episodes: int):
+    """Run `episodes` whole episodes with `act(actor_params, obs, key) -> (action, key)`; return the
+    undiscounted returns and the advanced key."""
+    returns = []
+    for _ in range(episodes):
+        obs, _ = env.reset()
+        done, total = False, 0.0
+        while not done:
+            action, key = act(actor_params, obs, key)
+            obs, reward, terminated, truncated, _ = env.step(np.asarray(action))
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+    return returns, key
