@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import importlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -171,8 +172,6 @@ def machine() -> dict:
 
 
 def main() -> None:
-    import importlib.metadata  # noqa: F401
-
     import tyro
 
     args = tyro.cli(Args)

@@ -112,7 +112,7 @@ def test_update_schedule_actor_and_targets_every_second_step():
 
     actor0, target0 = copy(agent.actor.params), copy(agent.critic_target)
     agent, info = update(agent, buf)
-    actor1, critic1, target1 = copy(agent.actor.params), copy(agent.critic.params), copy(agent.critic_target)
+    actor1, target1 = copy(agent.actor.params), copy(agent.critic_target)
     # first update: critics move, the actor and the targets do not
     assert all(np.array_equal(x, y) for x, y in zip(leaves(actor0), leaves(actor1)))
     assert all(np.array_equal(x, y) for x, y in zip(leaves(target0), leaves(target1)))
