@@ -1,11 +1,16 @@
 """Learning curves from TensorBoard logs: mean and 95% bootstrap interval across seeds.
 
-    python benchmarks/plot.py --runs runs --out benchmarks/results
+    python benchmarks/plot.py                                   # the committed CPU runs -> benchmarks/results
+    python benchmarks/plot.py --runs runs --out my_results      # your own runs (e.g. from benchmarks/run.py)
 
-Runs are grouped by (env, script) from their folder names `{env}__{exp_name}__{seed}__{time}`. For each
-env it draws `eval/episodic_return` and `charts/episodic_return` against env steps, one line per
-script, with the reference results of REFERENCE.md section 3 as labelled horizontal lines, and writes
-a markdown table of final returns (mean +- std and interquartile mean across seeds).
+Runs are grouped by (task, script) from their folder names `{env}__{exp_name}__{seed}__{time}` (the
+newest folder per seed counts). For each task it draws `eval/episodic_return` and
+`charts/episodic_return` against env steps, one line per script, with the published results of
+REFERENCE.md section 3 as labelled dashed lines (the paper's own evaluation returns on the left,
+CleanRL's training returns on the right, all at 1M steps), and writes `final_returns.md`: the last
+evaluation and the last training-return bin per seed, mean +- std and interquartile mean.
+A `MACHINE` file in the runs folder (one line) is added to every title so a figure always says
+where its runs came from.
 """
 
 from __future__ import annotations
@@ -17,27 +22,34 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Final returns of published runs (1M steps): FlowRL's results page; CleanRL's SAC (PyTorch), 3 seeds.
-REFERENCES = {
-    "Ant-v4": [("FlowRL paper, 1M", 5510.0)],
-    "HalfCheetah-v4": [("FlowRL paper, 1M", 8960.0), ("CleanRL SAC, 1M", 9635.0)],
-    "Swimmer-v4": [("FlowRL paper, 1M", 48.7)],
-    "Walker2d-v4": [("CleanRL SAC, 1M", 3591.0)],
-    "Hopper-v4": [("CleanRL SAC, 1M", 2310.0)],
-    "Humanoid-v4": [("CleanRL SAC, 1M", 4996.0)],
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# REFERENCE.md section 3. FlowRL: its results page (evaluation, seed 001, 1M steps).
+EVAL_REFERENCES = {
+    "Ant-v4": [("FlowRL paper, 1M steps", 5510.0)],
+    "HalfCheetah-v4": [("FlowRL paper, 1M steps", 8960.0)],
+    "Swimmer-v4": [("FlowRL paper, 1M steps", 48.7)],
+    "dm_control/dog-stand-v0": [("FlowRL paper (IQM), 1M steps", 96.4)],
+}
+# CleanRL at 1M steps, training returns, 3 seeds.
+TRAIN_REFERENCES = {
+    "HalfCheetah-v4": [("CleanRL SAC, 1M steps", 9635.0), ("CleanRL TD3 (JAX), 1M steps", 9346.0)],
+    "Walker2d-v4": [("CleanRL SAC, 1M steps", 3591.0), ("CleanRL TD3 (JAX), 1M steps", 3686.0)],
+    "Hopper-v4": [("CleanRL SAC, 1M steps", 2310.0), ("CleanRL TD3 (JAX), 1M steps", 2940.0)],
+    "Humanoid-v4": [("CleanRL SAC, 1M steps", 4996.0), ("CleanRL TD3 (JAX), 1M steps", 5033.0)],
 }
 
 
 @dataclass
 class Args:
-    runs: str = "runs"
-    """folder holding the run folders"""
-    out: str = os.path.join("benchmarks", "results")
+    runs: str = os.path.join(ROOT, "benchmarks", "results", "runs_cpu")
+    """folder holding the run folders (default: the runs committed with the repository)"""
+    out: str = os.path.join(ROOT, "benchmarks", "results")
     """where the PNGs and the table go"""
     bins: int = 20
     """training returns are averaged into this many step bins per seed before aggregating"""
     title_note: str = ""
-    """appended to every title (e.g. the machine)"""
+    """appended to every title (default: the first line of {runs}/MACHINE, if there is one)"""
 
 
 def read_scalars(run_dir: str, tags) -> dict:
@@ -79,6 +91,31 @@ def binned(curve: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return np.array([(edges[:-1] + edges[1:]) / 2, out]).T
 
 
+def find_runs(root: str) -> dict:
+    """{(task, script): [run folder per seed]}, the newest folder when a seed was run more than once."""
+    newest = {}
+    for run_dir in sorted(glob.glob(os.path.join(root, "*"))):
+        parts = os.path.basename(run_dir).split("__")
+        if len(parts) < 4 or not os.path.isdir(run_dir) or not glob.glob(os.path.join(run_dir, "events.out.tfevents.*")):
+            continue
+        env_id = parts[0].replace("dm_control_", "dm_control/")
+        key = (env_id, parts[1], parts[2])
+        if key not in newest or parts[3] > os.path.basename(newest[key]).split("__")[3]:
+            newest[key] = run_dir
+    groups = collections.defaultdict(list)
+    for (env_id, script, _), run_dir in sorted(newest.items()):
+        groups[(env_id, script)].append(run_dir)
+    return groups
+
+
+def seeds(n: int) -> str:
+    return f"{n} seed{'s' if n != 1 else ''}"
+
+
+def mean_sd_iqm(x: np.ndarray) -> str:
+    return f"{x.mean():.0f} +- {x.std():.0f} | {iqm(x):.0f}"
+
+
 def main() -> None:
     import matplotlib
 
@@ -87,58 +124,65 @@ def main() -> None:
     import tyro
 
     args = tyro.cli(Args)
-    groups = collections.defaultdict(list)
-    for run_dir in sorted(glob.glob(os.path.join(args.runs, "*"))):
-        parts = os.path.basename(run_dir).split("__")
-        if len(parts) >= 4:
-            env_id = parts[0].replace("dm_control_", "dm_control/")
-            groups[(env_id, parts[1])].append(run_dir)
+    groups = find_runs(args.runs)
     if not groups:
-        raise SystemExit(f"no runs found under {args.runs!r}")
+        raise SystemExit(f"error: no runs (folders named env__script__seed__time with TensorBoard events) under {args.runs!r}")
+    note = args.title_note
+    if not note and os.path.exists(os.path.join(args.runs, "MACHINE")):
+        with open(os.path.join(args.runs, "MACHINE")) as f:
+            note = f.readline().strip()
     os.makedirs(args.out, exist_ok=True)
-    table = ["| env | script | seeds | env steps | final eval return (mean +- std) | IQM |", "|---|---|---|---|---|---|"]
+    table = ["| task | script | seeds | env steps | final eval return (mean +- std) | IQM | "
+             "final training return (mean +- std) | IQM |", "|---|---|---|---|---|---|---|---|"]
     for env_id in sorted({e for e, _ in groups}):
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
         for (env, script), dirs in sorted(groups.items()):
             if env != env_id:
                 continue
             logs = [read_scalars(d, ["eval/episodic_return", "charts/episodic_return"]) for d in dirs]
             evals = [lg["eval/episodic_return"] for lg in logs if "eval/episodic_return" in lg]
             trains = [lg["charts/episodic_return"] for lg in logs if "charts/episodic_return" in lg]
-            if evals:
+            eval_cell, train_cell, steps = "- | -", "- | -", 0
+            if evals:  # up to the last step every seed reached
                 last = min(c[-1, 0] for c in evals)
                 grid = np.unique(np.concatenate([c[:, 0] for c in evals]))
                 grid = grid[grid <= last]
                 ys = on_grid(evals, grid)
                 lo, hi = bootstrap_ci(ys)
-                axes[0].plot(grid, ys.mean(0), marker="o", ms=3, label=f"{script} ({len(evals)} seeds)")
+                axes[0].plot(grid, ys.mean(0), marker="o", ms=3, label=f"{script} ({seeds(len(evals))})")
                 axes[0].fill_between(grid, lo, hi, alpha=0.25)
-                finals = ys[:, -1]
-                table.append(f"| {env_id} | {script} | {len(evals)} | {int(grid[-1])} | {finals.mean():.1f} +- {finals.std():.1f} | {iqm(finals):.1f} |")
+                eval_cell, steps = mean_sd_iqm(ys[:, -1]), int(grid[-1])
             if trains:
                 last = min(c[-1, 0] for c in trains)
                 edges = np.linspace(0, last, args.bins + 1)
                 ys = np.stack([binned(c, edges)[:, 1] for c in trains])
                 centres = (edges[:-1] + edges[1:]) / 2
                 lo, hi = bootstrap_ci(ys)
-                axes[1].plot(centres, ys.mean(0), label=f"{script} ({len(trains)} seeds)")
+                axes[1].plot(centres, ys.mean(0), label=f"{script} ({seeds(len(trains))})")
                 axes[1].fill_between(centres, lo, hi, alpha=0.25)
-        for ax, what in zip(axes, ["evaluation return", "training episode return"]):
-            for i, (label, value) in enumerate(REFERENCES.get(env_id, [])):
+                train_cell, steps = mean_sd_iqm(ys[:, -1]), max(steps, int(last))
+            table.append(f"| {env_id} | {script} | {len(dirs)} | {steps} | {eval_cell} | {train_cell} |")
+        panels = [("evaluation return", EVAL_REFERENCES), ("training episode return", TRAIN_REFERENCES)]
+        for ax, (what, refs) in zip(axes, panels):
+            for i, (label, value) in enumerate(refs.get(env_id, [])):
                 ax.axhline(value, ls="--", lw=1, color=f"C{i + 5}", label=label)
             ax.set_xlabel("environment steps")
             ax.set_ylabel(f"{what} (sum of rewards per episode)")
-            ax.set_title(f"{env_id}: {what}{' - ' + args.title_note if args.title_note else ''}")
+            ax.set_title(f"{what}: mean and 95% bootstrap CI over seeds", fontsize=10)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8, loc="best")
+        fig.suptitle(env_id + (f"  ({note})" if note else ""), fontsize=12)
         fig.tight_layout()
         path = os.path.join(args.out, f"curves_{env_id.replace('/', '_')}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         print(f"wrote {path}")
+    lines = [f"Final returns{' (' + note + ')' if note else ''}: the last evaluation (mean of its episodes) and the "
+             f"mean training return over the last 1/{args.bins} of the steps, per seed; mean +- std over seeds and "
+             "interquartile mean (IQM).", "", *table]
     with open(os.path.join(args.out, "final_returns.md"), "w") as f:
-        f.write("\n".join(table) + "\n")
-    print("\n".join(table))
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":
