@@ -84,8 +84,9 @@ def on_grid(curves: list[np.ndarray], grid: np.ndarray) -> np.ndarray:
 def binned(curve: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """Mean training return per step bin (bins with no episode carry the previous value)."""
     out, last = [], curve[0, 1]
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        sel = curve[(curve[:, 0] >= lo) & (curve[:, 0] < hi), 1]
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        inside = curve[:, 0] <= hi if i == len(edges) - 2 else curve[:, 0] < hi  # the last bin holds its right edge
+        sel = curve[(curve[:, 0] >= lo) & inside, 1]
         last = sel.mean() if len(sel) else last
         out.append(last)
     return np.array([(edges[:-1] + edges[1:]) / 2, out]).T
