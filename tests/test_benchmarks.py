@@ -113,7 +113,7 @@ def test_forced_cond_takes_the_chosen_branch():
         assert float(fresh()(-5.0)) == -4.0
     with throughput.forced_cond(False):
         assert float(fresh()(5.0)) == 4.0
-    assert float(fresh()(5.0)) == 6.0 and float(fresh()(-5.0)) == -4.0  # restored
+    assert float(fresh()(5.0)) == 6.0 and float(fresh()(-5.0)) == -6.0  # restored
 
 
 def test_throughput_table_marks_missing_figures():
