@@ -20,7 +20,7 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from common.env import ConfigError, check_env_id
+from common.env import ConfigError, check_env_id, check_run_flags
 
 
 @dataclass
@@ -75,10 +75,23 @@ class Args:
     """write losses and SPS every this many env steps"""
     save_model: bool = False
     """save the trained parameters to runs/{run_name}/{exp_name}.msgpack"""
+    checkpoint_every: int = 100_000
+    """write a training checkpoint to runs/{run_name}/checkpoints every this many env steps and at the end
+    (0: only when stopped by Ctrl-C or SIGTERM)"""
+    keep_checkpoints: int = 2
+    """how many of the newest training checkpoints to keep"""
+    checkpoint_buffer: bool = True
+    """put the replay buffer (compressed) in checkpoints; without it a resumed run refills the buffer before updating"""
+    resume: Optional[str] = None
+    """continue the run of this training checkpoint, or of a run folder's newest one"""
+    debug_nans: bool = False
+    """turn on JAX's own NaN check (jax_debug_nans), which names the operation that made one"""
+    capture_video: bool = False
+    """record the first episode of each evaluation to runs/{run_name}/videos (with --eval-only: every episode)"""
     eval_only: bool = False
     """load --checkpoint, evaluate it for --eval-episodes and exit"""
     checkpoint: Optional[str] = None
-    """a model file written by --save-model (for --eval-only)"""
+    """a model file (--save-model), a training checkpoint or a run folder, for --eval-only"""
     progress: bool = True
     """show a progress bar on the terminal"""
 
@@ -90,13 +103,11 @@ def check_args(args: Args) -> None:
     for name in positive:
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.learning_starts < 0:
-        raise ConfigError(f"--learning-starts must be >= 0, got {args.learning_starts}")
-    if args.eval_episodes < 0:
-        raise ConfigError(f"--eval-episodes must be >= 0, got {args.eval_episodes}")
-    if args.learning_starts > args.total_timesteps:
-        raise ConfigError(f"--learning-starts {args.learning_starts} is above --total-timesteps {args.total_timesteps}; "
-                          "it must be at most the total")
+    for name in ["learning_starts", "eval_episodes", "checkpoint_every"]:
+        if getattr(args, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.keep_checkpoints < 1:
+        raise ConfigError(f"--keep-checkpoints must be at least 1, got {args.keep_checkpoints}")
     if args.batch_size > args.buffer_size:
         raise ConfigError(f"--batch-size {args.batch_size} is above --buffer-size {args.buffer_size}; it must be at most the buffer size")
     for name, lo, hi in [("gamma", 0.0, 1.0), ("tau", 0.0, 1.0), ("recent_frac", 0.0, 1.0)]:
@@ -104,10 +115,7 @@ def check_args(args: Args) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be in [{lo}, {hi}], got {getattr(args, name)}")
     if not 0.0 < args.expectile < 1.0:
         raise ConfigError(f"--expectile must be in (0, 1), got {args.expectile}")
-    if args.eval_only and not args.checkpoint:
-        raise ConfigError("--eval-only needs --checkpoint PATH (a file written by --save-model)")
-    if args.checkpoint and not os.path.isfile(args.checkpoint):
-        raise ConfigError(f"--checkpoint {args.checkpoint!r} is not a file")
+    check_run_flags(args)
     check_env_id(args.env_id)
 
 
@@ -120,8 +128,11 @@ from flax import struct  # noqa: E402
 from flax.training.train_state import TrainState  # noqa: E402
 
 from common.buffer import Batch, ReplayBuffer, buffer_add, buffer_init, buffer_sample  # noqa: E402
-from common.checkpoint import load_checkpoint, restore_params, save_params  # noqa: E402
-from common.env import env_step, evaluate, make_env, seed_everything  # noqa: E402
+from common.checkpoint import (Diverged, StopOnSignal, adopt_saved_args, check_metrics, finite_flags,  # noqa: E402
+                               first_nonfinite, load_model, load_training_checkpoint, prepare_run_dir,
+                               restore_training, restore_tree, resume_run_dir, save_checkpoint, save_model,
+                               training_checkpoint, video_dir)
+from common.env import check_rendering, env_step, evaluate, make_env, seed_everything  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Networks (the authors' layouts: Xavier-uniform weights, zero biases)
@@ -370,7 +381,8 @@ def make_update(args: Args, act_dim: int):
         do_actor = (agent.updates + 1) % args.policy_frequency == 0
         agent = jax.lax.cond(do_actor, lambda a: update_actor(args, act_dim, a, b, k_actor), lambda a: a, agent)
         agent = agent.replace(key=key, updates=agent.updates + 1)
-        return agent, {**info, **agent.actor_info}
+        metrics = {**info, **agent.actor_info}
+        return agent, {**metrics, "finite": finite_flags(metrics)}  # one flag per metric, for the divergence check
 
     return jax.jit(update, donate_argnums=0)
 
@@ -396,24 +408,50 @@ def make_act(args: Args, actor_apply, act_dim: int):
     return act, act_explore
 
 
+ALGO = "flowrl"
 MODEL_CONFIG = ("env_id", "hidden_dim", "flow_steps", "integrator")
+# A resumed run keeps the checkpoint's arguments; these may be given anew (the display and the
+# run's source are never taken from it).
+MAY_CHANGE_ON_RESUME = ("total_timesteps", "checkpoint_every", "keep_checkpoints", "checkpoint_buffer", "debug_nans",
+                        "capture_video")
+NOT_RESUMED = ("progress", "resume", "eval_only", "checkpoint")
 
 
 def eval_only(args: Args) -> None:
     """Rebuild the actor that the checkpoint was trained with and evaluate it on its env."""
-    config, raw = load_checkpoint(args.checkpoint, "flowrl", MODEL_CONFIG)
-    for name in MODEL_CONFIG:
-        setattr(args, name, config[name])
+    config, raw = load_model(args.checkpoint, ALGO, MODEL_CONFIG)
+    adopt_saved_args(args, config, Args(), MODEL_CONFIG, "--checkpoint")
     check_env_id(args.env_id)
-    env = make_env(args.env_id, args.seed)
-    env.reset(seed=args.seed)
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    actor = VelocityField(act_dim, args.hidden_dim)
-    template = actor.init(jax.random.PRNGKey(0), jnp.zeros((1, obs_dim)), jnp.zeros((1, act_dim)), jnp.zeros((1, 1)))
-    params = restore_params(template, raw.get("actor"), args.checkpoint)
-    act, _ = make_act(args, actor.apply, act_dim)
-    returns, _ = evaluate(env, act, params, jax.random.PRNGKey(args.seed), args.eval_episodes)
+    env = make_env(args.env_id, args.seed, render=args.capture_video)
+    try:
+        env.reset(seed=args.seed)
+        if args.capture_video:
+            check_rendering(env)
+        obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+        actor = VelocityField(act_dim, args.hidden_dim)
+        template = actor.init(jax.random.PRNGKey(0), jnp.zeros((1, obs_dim)), jnp.zeros((1, act_dim)), jnp.zeros((1, 1)))
+        params = restore_tree(template, raw.get("actor"), args.checkpoint)
+        act, _ = make_act(args, actor.apply, act_dim)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        videos = [os.path.join(video_dir(args.checkpoint), f"eval_only_{stamp}_episode{i}.mp4")
+                  for i in range(args.eval_episodes)] if args.capture_video else []
+        returns, _ = evaluate(env, act, params, jax.random.PRNGKey(args.seed), args.eval_episodes, args.seed, videos)
+    finally:
+        env.close()
     print(f"{args.env_id}: eval return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes")
+    if videos:
+        print(f"videos written to {os.path.dirname(videos[0])}")
+
+
+def prepare_resume(args: Args):
+    """Read --resume and adopt the run's arguments (a flag that contradicts them is refused)."""
+    path, ckpt = load_training_checkpoint(args.resume, ALGO)
+    adopt_saved_args(args, ckpt["args"], Args(), [n for n in asdict(args) if n not in NOT_RESUMED], "--resume",
+                     MAY_CHANGE_ON_RESUME)
+    check_args(args)
+    if args.total_timesteps < ckpt["step"]:
+        raise ConfigError(f"--total-timesteps {args.total_timesteps} is below the checkpoint's step {ckpt['step']}")
+    return path, ckpt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,114 +459,175 @@ def eval_only(args: Args) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def train(args: Args) -> dict:
+def train(args: Args, resume=None) -> dict:
+    """Train (or continue `resume` = (path, checkpoint) from prepare_resume). Returns a summary."""
     from tensorboardX import SummaryWriter
     from tqdm import tqdm
 
-    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
-    try:
-        os.makedirs(run_dir, exist_ok=False)
-    except OSError as e:
-        raise ConfigError(f"cannot create the run folder {run_dir!r}: {e.strerror}") from None
+    if resume:
+        run_name, run_dir = resume[1]["meta"]["run_name"], resume_run_dir(*resume)
+    else:
+        run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir = os.path.join("runs", run_name)
+    prepare_run_dir(run_dir, resumed=resume is not None)
 
     key = seed_everything(args.seed)
     env = make_env(args.env_id, args.seed)
-    eval_env = make_env(args.env_id, args.seed + 10_000)
-    eval_env.reset(seed=args.seed + 10_000)
+    eval_env = make_env(args.env_id, args.seed + 10_000, render=args.capture_video)
+    if args.capture_video:
+        eval_env.reset(seed=args.seed)
+        check_rendering(eval_env)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
     key, k_agent, k_act, k_eval = jax.random.split(key, 4)
     agent = create_agent(args, obs_dim, act_dim, k_agent)
     buf = buffer_init(args.buffer_size, obs_dim, act_dim)
+    obs, _ = env.reset(seed=args.seed)
+    start_step, meta, last_checkpoint = 0, {"run_name": run_name, "elapsed": 0.0, "updates_from": args.learning_starts}, None
+    if resume:
+        last_checkpoint, ckpt = resume
+        state, buf, obs = restore_training(last_checkpoint, ckpt, {"agent": agent, "k_act": k_act}, buf, env)
+        agent, k_act = state["agent"], state["k_act"]
+        start_step, meta = ckpt["step"], ckpt["meta"]
+        if ckpt["buffer"] is None:  # refill before updating again, as at the start of a run
+            meta["updates_from"] = max(meta["updates_from"], start_step + max(args.learning_starts, args.batch_size))
+        print(f"resumed {run_dir} at step {start_step} from {last_checkpoint}"
+              + ("" if ckpt["buffer"] is not None else f" (no buffer saved: refilling until step {meta['updates_from']})"))
+    if args.learning_starts >= args.total_timesteps:
+        print(f"note: --learning-starts {args.learning_starts} >= --total-timesteps {args.total_timesteps}: this run only "
+              "collects random transitions (resume it with a larger --total-timesteps to learn)")
+    if not args.checkpoint_buffer:
+        print("checkpoints leave out the replay buffer (--no-checkpoint-buffer): a run resumed from them refills it first")
+
+    # purge_step hides anything a crashed run logged after the checkpoint, so no step appears twice; the
+    # suffix keeps a resumed session from reusing (and truncating) an event file of the same second.
+    writer = SummaryWriter(run_dir, purge_step=start_step + 1 if resume else None,
+                           filename_suffix=f".from{start_step}" if resume else "")
+    if not resume:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
     update = make_update(args, act_dim)
     add = jax.jit(buffer_add, donate_argnums=0)
     act_eval, act_explore = make_act(args, agent.actor.apply_fn, act_dim)
 
-    obs, _ = env.reset(seed=args.seed)
-    info, last_return, returns_seen = None, float("nan"), []
-    start = window_start = time.time()
-    window_step, postfix, learn_start_time = 0, {}, None
-    bar = tqdm(total=args.total_timesteps, disable=not args.progress, dynamic_ncols=True, unit="step")
-    for global_step in range(args.total_timesteps):
-        if global_step < args.learning_starts:
-            action = env.action_space.sample()
-        else:
-            action, k_act = act_explore(agent.actor.params, obs, k_act)
-            action = np.asarray(action)
-        transition, obs, episode = env_step(env, obs, action)
-        buf = add(buf, *transition)
-        if global_step >= args.learning_starts:
-            if learn_start_time is None:
-                learn_start_time = time.time()
-            agent, info = update(agent, buf)
-        if episode is not None:
-            last_return = float(episode["r"])
-            returns_seen.append(last_return)
-            writer.add_scalar("charts/episodic_return", last_return, global_step)
-            writer.add_scalar("charts/episodic_length", int(episode["l"]), global_step)
+    def write_checkpoint(step: int) -> str:
+        bad = first_nonfinite(agent, "agent")
+        if bad:
+            raise Diverged(f"parameter {bad}", step, last_checkpoint)
+        writer.flush()  # the logs up to this step are on disk before the checkpoint that follows them
+        meta.update(elapsed=time.time() - start, last_return=last_return)
+        payload = training_checkpoint(ALGO, args, step, {"agent": agent, "k_act": k_act}, buf if args.checkpoint_buffer else None, env, obs, meta)
+        return save_checkpoint(run_dir, step, payload, args.keep_checkpoints)
 
-        step = global_step + 1
-        if step % args.log_every == 0:
-            now = time.time()
-            sps, window_sps = int(step / (now - start)), int((step - window_step) / (now - window_start))
-            window_start, window_step = now, step
-            writer.add_scalar("charts/SPS", sps, step)
-            writer.add_scalar("charts/SPS_window", window_sps, step)
-            if info is not None:
-                for name, value in jax.device_get(info).items():
-                    writer.add_scalar(f"losses/{name}", float(value), step)
-            postfix["sps"] = window_sps
-        if step % args.eval_every == 0 and args.eval_episodes > 0:
-            eval_start = time.time()
-            eval_returns, k_eval = evaluate(eval_env, act_eval, agent.actor.params, k_eval, args.eval_episodes)
-            writer.add_scalar("eval/episodic_return", float(np.mean(eval_returns)), step)
-            postfix["eval"] = f"{np.mean(eval_returns):.1f}"
-            eval_time = time.time() - eval_start
-            window_start += eval_time  # SPS_window measures training only
-            if learn_start_time is not None:
-                learn_start_time += eval_time
-        if episode is not None or step % args.log_every == 0:
-            postfix["return"] = f"{last_return:.1f}"
-            bar.set_postfix(postfix, refresh=False)
-        bar.update(1)
-    bar.close()
+    info, last_return, returns_seen, stopped = None, meta.get("last_return", float("nan")), [], None
+    start = window_start = time.time() - meta["elapsed"]
+    window_step, postfix, learn_start_time, n_updates = start_step, {}, None, 0
+    bar = tqdm(total=args.total_timesteps, initial=start_step, disable=not args.progress, dynamic_ncols=True, unit="step")
+    try:
+        # jax.debug_nans as a context: the global config flag is not honoured reliably once flax has run.
+        with StopOnSignal() as stop, jax.debug_nans(args.debug_nans):
+            for global_step in range(start_step, args.total_timesteps):
+                step = global_step + 1
+                if global_step < args.learning_starts:
+                    action = env.action_space.sample()
+                else:
+                    action, k_act = act_explore(agent.actor.params, obs, k_act)
+                    action = np.asarray(action)
+                transition, obs, episode = env_step(env, obs, action)
+                buf = add(buf, *transition)
+                if global_step >= meta["updates_from"]:
+                    if learn_start_time is None:
+                        learn_start_time = time.time()
+                    agent, info = update(agent, buf)
+                    n_updates += 1
+                    check_metrics(info, step, last_checkpoint)
+                if episode is not None:
+                    last_return = float(episode["r"])
+                    returns_seen.append(last_return)
+                    writer.add_scalar("charts/episodic_return", last_return, step)
+                    writer.add_scalar("charts/episodic_length", int(episode["l"]), step)
+
+                if step % args.log_every == 0:
+                    now = time.time()
+                    sps, window_sps = int(step / (now - start)), int((step - window_step) / (now - window_start))
+                    window_start, window_step = now, step
+                    writer.add_scalar("charts/SPS", sps, step)
+                    writer.add_scalar("charts/SPS_window", window_sps, step)
+                    if info is not None:
+                        for name, value in jax.device_get(info).items():
+                            if name != "finite":
+                                writer.add_scalar(f"losses/{name}", float(value), step)
+                    postfix["sps"] = window_sps
+                if step % args.eval_every == 0 and args.eval_episodes > 0:
+                    eval_start = time.time()
+                    # Seeded by the step alone, so a resumed run evaluates exactly as an uninterrupted one.
+                    videos = [os.path.join(run_dir, "videos", f"eval_step{step:010d}.mp4")] if args.capture_video else []
+                    eval_returns, _ = evaluate(eval_env, act_eval, agent.actor.params, jax.random.fold_in(k_eval, step),
+                                               args.eval_episodes, args.seed + 10_000 + step, videos)
+                    writer.add_scalar("eval/episodic_return", float(np.mean(eval_returns)), step)
+                    postfix["eval"] = f"{np.mean(eval_returns):.1f}"
+                    eval_time = time.time() - eval_start
+                    window_start += eval_time  # SPS_window measures training only
+                    if learn_start_time is not None:
+                        learn_start_time += eval_time
+                if episode is not None or step % args.log_every == 0:
+                    postfix["return"] = f"{last_return:.1f}"
+                    bar.set_postfix(postfix, refresh=False)
+                bar.update(1)
+
+                periodic = args.checkpoint_every and (step % args.checkpoint_every == 0 or step == args.total_timesteps)
+                if periodic or stop.signal:
+                    last_checkpoint = write_checkpoint(step)
+                if stop.signal:
+                    stopped = stop.signal
+                    break
+    except FloatingPointError as e:  # raised by --debug-nans
+        raise Diverged(f"an array (jax_debug_nans: {str(e).splitlines()[0]})", step, last_checkpoint) from None
+    finally:
+        bar.close()
+        writer.close()
+        env.close()
+        eval_env.close()
     jax.block_until_ready(agent)
     end = time.time()
 
     compiles = update._cache_size()
-    if args.save_model:
+    if args.save_model and not stopped:
         path = os.path.join(run_dir, f"{args.exp_name}.msgpack")
         params = {"actor": agent.actor.params, "critic": agent.critic.params,
                   "q_beta": agent.q_beta.params, "value": agent.value.params}
-        save_params(path, "flowrl", {k: getattr(args, k) for k in MODEL_CONFIG}, params)
+        save_model(path, ALGO, {k: getattr(args, k) for k in MODEL_CONFIG}, params)
         print(f"model saved to {path}")
-    writer.close()
-    env.close()
-    eval_env.close()
-    learn_steps = args.total_timesteps - args.learning_starts
-    learn_sps = learn_steps / (end - learn_start_time) if learn_start_time is not None and learn_steps > 0 else float("nan")
-    print(f"{args.total_timesteps} steps in {end - start:.0f} s ({learn_sps:.1f} env steps/s while learning, "
-          f"evaluation excluded); update compiled {compiles} time(s); logs in {run_dir}")
-    return {"run_dir": run_dir, "compiles": compiles, "returns": returns_seen, "learn_sps": learn_sps}
+    learn_sps = n_updates / (end - learn_start_time) if learn_start_time is not None else float("nan")
+    if stopped:
+        print(f"{stopped}: stopped after step {step}; checkpoint {last_checkpoint}; to continue: "
+              f"python {os.path.basename(__file__)} --resume {run_dir}")
+    else:
+        print(f"{args.total_timesteps} steps in {end - start:.0f} s ({learn_sps:.1f} env steps/s while learning, "
+              f"evaluation excluded); update compiled {compiles} time(s); logs in {run_dir}")
+    return {"run_dir": run_dir, "compiles": compiles, "returns": returns_seen, "learn_sps": learn_sps,
+            "stopped": stopped, "checkpoint": last_checkpoint, "agent": agent}
 
 
 def main(argv=None) -> int:
     import tyro
 
     args = tyro.cli(Args, args=argv)
+    name = os.path.basename(__file__)
     try:
         check_args(args)
         if args.eval_only:
             eval_only(args)
         else:
-            train(args)
+            train(args, prepare_resume(args) if args.resume else None)
     except ConfigError as e:
-        print(f"{os.path.basename(__file__)}: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
         return 2
+    except (Diverged, OSError) as e:  # OSError: a checkpoint or log that could not be written
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted twice: stopped without writing a checkpoint", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,59 +1,427 @@
-"""Saving trained parameters with flax's msgpack serialization, and loading them back safely."""
+"""Model files and training checkpoints, written with flax's msgpack serialization.
+
+Both are one container: an 8-byte magic, the payload's length and CRC-32, then the msgpack payload.
+The CRC refuses a truncated or damaged file before any of it is trusted. A write goes to a temp
+file in the same folder, is fsynced and renamed over the target: a crash mid-write leaves the
+previous file intact. A model file holds {"algo", "kind": "model", "config", "params"}; a training
+checkpoint holds everything `--resume` needs (see the scripts' `checkpoint_payload`).
+"""
 
 from __future__ import annotations
 
+import glob
 import os
+import random
+import re
+import signal
+import struct
 import tempfile
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
+import numpy as np
 from flax import serialization
 
-from common.env import ConfigError
+from common.buffer import ReplayBuffer
+from common.env import ConfigError, rng_state, set_rng_state
+
+MAGIC = b"FLOWCKPT"
+HEADER = struct.Struct("<8sQI")  # magic, payload bytes, CRC-32 of the payload
+FORMAT = 1
 
 
-def save_params(path: str, algo: str, config: dict, params: dict) -> None:
-    """Write {"algo", "config", "params"} atomically (temp file + rename): a crash mid-write
-    leaves any earlier file at `path` intact."""
-    blob = serialization.msgpack_serialize({"algo": algo, "config": config, "params": serialization.to_state_dict(params)})
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".msgpack")
+def write_atomic(path: str, payload: dict) -> None:
+    blob = serialization.msgpack_serialize(payload)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from the user's group
         with os.fdopen(fd, "wb") as f:
+            f.write(HEADER.pack(MAGIC, len(blob), zlib.crc32(blob)))
             f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
         raise
+    dir_fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
-def load_checkpoint(path: str, algo: str, config_keys=()) -> tuple[dict, dict]:
-    """Read a file written by `save_params` for `algo`; return (config, raw parameter dict)."""
+def read_container(path: str, flag: str) -> dict:
+    """Read and verify a file written by `write_atomic`; any defect is a one-line ConfigError."""
     try:
         with open(path, "rb") as f:
             blob = f.read()
     except OSError as e:
-        raise ConfigError(f"cannot read --checkpoint {path!r}: {e.strerror}") from None
+        raise ConfigError(f"cannot read {flag} {path!r}: {e.strerror}") from None
+    if blob[:len(MAGIC)] != MAGIC:
+        return _read_legacy_model(blob, path, flag)
+    if len(blob) < HEADER.size:
+        raise ConfigError(f"{flag} {path!r} is truncated (a {len(blob)}-byte header)")
+    _, length, crc = HEADER.unpack_from(blob)
+    payload = memoryview(blob)[HEADER.size:]
+    if len(payload) != length:
+        raise ConfigError(f"{flag} {path!r} is truncated ({len(payload)} of {length} bytes)")
+    if zlib.crc32(payload) != crc:
+        raise ConfigError(f"{flag} {path!r} is corrupt (its checksum does not match)")
+    try:
+        state = serialization.msgpack_restore(bytes(payload))
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError
+    except Exception:
+        raise ConfigError(f"{flag} {path!r} is not a checkpoint of this version of the scripts") from None
+    return state
+
+
+def _read_legacy_model(blob: bytes, path: str, flag: str) -> dict:
+    """Model files written before the container existed: bare msgpack {"algo", "config", "params"}."""
     try:
         state = serialization.msgpack_restore(blob)
-        found, config, raw = state["algo"], state["config"], state["params"]
-        missing = [k for k in config_keys if k not in config]
+        if not (isinstance(state, dict) and {"algo", "config", "params"} <= state.keys()):
+            raise ValueError
     except Exception:
-        raise ConfigError(f"--checkpoint {path!r} is corrupt or not a model file saved by these scripts") from None
-    if found != algo:
-        raise ConfigError(f"--checkpoint {path!r} holds a {found} model, not a {algo} one")
+        raise ConfigError(f"{flag} {path!r} is corrupt or not a checkpoint written by these scripts") from None
+    return {**state, "kind": "model"}
+
+
+def check_algo(state: dict, algo: str, path: str, flag: str) -> None:
+    if state.get("algo") != algo:
+        raise ConfigError(f"{flag} {path!r} was written by {state.get('algo')}, not {algo}: use that script")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model files (--save-model) and loading an actor for --eval-only
+# ---------------------------------------------------------------------------------------------
+
+
+def save_model(path: str, algo: str, config: dict, params: dict) -> None:
+    write_atomic(path, {"format": FORMAT, "algo": algo, "kind": "model", "config": config,
+                        "params": serialization.to_state_dict(params)})
+
+
+def load_model(path: str, algo: str, config_keys=()) -> tuple[dict, dict]:
+    """Read a model file or a training checkpoint (or a run folder's newest checkpoint) of `algo`;
+    return (config, raw parameter dict with at least "actor")."""
+    if os.path.isdir(path):
+        path = newest_checkpoint(path, "--checkpoint")
+    state = read_container(path, "--checkpoint")
+    check_algo(state, algo, path, "--checkpoint")
+    if state["kind"] == "train":
+        config, raw = state["args"], {"actor": state["state"]["agent"]["actor"]["params"]}
+    else:
+        config, raw = state["config"], state["params"]
+    missing = [k for k in config_keys if k not in config]
     if missing or not isinstance(raw, dict):
         raise ConfigError(f"--checkpoint {path!r} is incomplete (missing {', '.join(missing) or 'parameters'})")
     return config, raw
 
 
-def restore_params(template, raw, path: str):
-    """Restore `raw` into the structure of `template`; any mismatch of names or shapes is a ConfigError."""
+def restore_tree(template, raw, path: str, flag: str = "--checkpoint"):
+    """Restore `raw` into the structure of `template`; any mismatch of names, shapes or dtypes is a
+    ConfigError (another env's action size, other network sizes)."""
     try:
-        params = serialization.from_state_dict(template, raw)
+        tree = serialization.from_state_dict(template, raw)
+        leaves, want = jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(template)
+        dtype = lambda x: np.asarray(x).dtype
+        ok = len(leaves) == len(want) and all(np.shape(a) == np.shape(b) and dtype(a) == dtype(b)
+                                              for a, b in zip(leaves, want))
     except Exception:
-        params = None
-    if params is None or any(
-        getattr(a, "shape", None) != getattr(b, "shape", None)
-        for a, b in zip(jax.tree_util.tree_leaves(template), jax.tree_util.tree_leaves(params))
-    ):
-        raise ConfigError(f"--checkpoint {path!r} does not fit this network (other sizes or another env)")
-    return params
+        ok = False
+    if not ok:
+        raise ConfigError(f"{flag} {path!r} does not fit this network (other sizes or another env's observation/action size)")
+    return tree
+
+
+# ---------------------------------------------------------------------------------------------
+# Training checkpoints
+# ---------------------------------------------------------------------------------------------
+
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"step_(\d+)\.ckpt$")
+
+
+def checkpoint_path(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, CHECKPOINT_DIR, f"step_{step:010d}.ckpt")
+
+
+def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    found = []
+    for path in glob.glob(os.path.join(run_dir, CHECKPOINT_DIR, "step_*.ckpt")):
+        m = _NAME.search(path)
+        if m:
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def save_checkpoint(run_dir: str, step: int, payload: dict, keep: int) -> str:
+    """Write the checkpoint of `step`, then delete all but the newest `keep`."""
+    path = checkpoint_path(run_dir, step)
+    write_atomic(path, payload)
+    for _, old in list_checkpoints(run_dir)[:-keep]:
+        os.unlink(old)
+    return path
+
+
+def newest_checkpoint(run_dir: str, flag: str) -> str:
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise ConfigError(f"{flag} {run_dir!r} is a folder without checkpoints (looked for {CHECKPOINT_DIR}/step_*.ckpt)")
+    return found[-1][1]
+
+
+def load_training_checkpoint(path: str, algo: str) -> tuple[str, dict]:
+    """Resolve --resume PATH (a checkpoint file or a run folder) and read it. In a folder the newest
+    readable checkpoint wins; a damaged newer one is renamed to *.corrupt (kept, but no longer counted)
+    with a warning. An explicit file must be the newest of its run: resuming an older one would
+    overwrite the later checkpoints and logs."""
+    if os.path.isdir(path):
+        found = list_checkpoints(path)
+        if not found:
+            newest_checkpoint(path, "--resume")  # raises the "no checkpoints" error
+        for _, candidate in reversed(found):
+            try:
+                state = read_container(candidate, "--resume")
+            except ConfigError as e:
+                print(f"warning: {e}; renamed to {os.path.basename(candidate)}.corrupt, trying the one before")
+                os.replace(candidate, candidate + ".corrupt")
+                continue
+            return candidate, _checked(candidate, state, algo)
+        raise ConfigError(f"--resume {path!r}: none of its {len(found)} checkpoint(s) is readable")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--resume {path!r} is neither a checkpoint file nor a run folder")
+    state = _checked(path, read_container(path, "--resume"), algo)
+    if os.path.basename(os.path.dirname(os.path.abspath(path))) == CHECKPOINT_DIR:
+        newer = [p for step, p in list_checkpoints(os.path.dirname(os.path.dirname(os.path.abspath(path))))
+                 if step > state["step"]]
+        if newer:
+            raise ConfigError(f"--resume {path!r} is older than its run's newest checkpoint {newer[-1]!r}; resuming "
+                              "it would overwrite later checkpoints: resume the newest, or copy this one elsewhere to branch")
+    return path, state
+
+
+def _checked(path: str, state: dict, algo: str) -> dict:
+    check_algo(state, algo, path, "--resume")
+    if state.get("kind") != "train":
+        raise ConfigError(f"--resume {path!r} is a model file (--save-model), which cannot resume training; "
+                          "resume from a checkpoint written by --checkpoint-every")
+    return state
+
+
+def resume_run_dir(path: str, state: dict) -> str:
+    """The run folder a resumed run keeps writing to: the checkpoint's own, else runs/{run_name}."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(folder) == CHECKPOINT_DIR:
+        return os.path.dirname(folder)
+    return os.path.join("runs", state["meta"]["run_name"])
+
+
+def video_dir(checkpoint: str) -> str:
+    """Where --eval-only puts its videos: the videos/ folder of the checkpoint's run."""
+    path = os.path.abspath(checkpoint)
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    if os.path.basename(folder) == CHECKPOINT_DIR:
+        folder = os.path.dirname(folder)
+    return os.path.join(folder, "videos")
+
+
+def adopt_saved_args(args, saved: dict, defaults, names, flag: str, may_change=()) -> None:
+    """Take `names` from a checkpoint's arguments. One of `may_change` given now wins over the saved
+    value; any other flag given now that contradicts the saved value is refused rather than silently
+    ignored or silently applied."""
+    for name in names:
+        if name not in saved:
+            continue
+        given = getattr(args, name)
+        if given != getattr(defaults, name):
+            if name in may_change:
+                continue
+            if given != saved[name]:
+                raise ConfigError(f"--{name.replace('_', '-')} {given} contradicts {flag}'s {saved[name]}: {flag} keeps "
+                                  f"the arguments it was written with (except {', '.join('--' + n.replace('_', '-') for n in sorted(may_change))})"
+                                  if may_change else f"--{name.replace('_', '-')} {given} contradicts {flag}'s {saved[name]}")
+        setattr(args, name, saved[name])
+
+
+def prepare_run_dir(run_dir: str, resumed: bool) -> None:
+    """Create the run folder (a new run must not reuse one) and prove that it is writable, before any work."""
+    try:
+        os.makedirs(run_dir, exist_ok=resumed)
+        os.makedirs(os.path.join(run_dir, CHECKPOINT_DIR), exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=os.path.join(run_dir, CHECKPOINT_DIR), prefix=".probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"cannot write the run folder {run_dir!r}: {e.strerror}") from None
+
+
+def training_checkpoint(algo: str, args, step: int, state, buf, env, obs, meta: dict) -> dict:
+    """The payload of a training checkpoint: `state` is every array the run carries (agent with its
+    optimisers, statistics and keys; the acting key), `buf` the replay buffer or None."""
+    from dataclasses import asdict
+
+    return {"format": FORMAT, "algo": algo, "kind": "train", "step": step, "args": asdict(args),
+            "state": serialization.to_state_dict(jax.device_get(state)),
+            "buffer": None if buf is None else pack_buffer(buf), "env": env.get_state(), "obs": np.asarray(obs),
+            "rng": host_rng_states(), "meta": meta}
+
+
+def restore_training(path: str, ckpt: dict, state_template, buf_template, env):
+    """Inverse of `training_checkpoint` on freshly built templates; returns (state, buffer, obs)."""
+    import jax.numpy as jnp
+
+    state = restore_tree(state_template, ckpt["state"], path, "--resume")
+    state = jax.tree_util.tree_map(jnp.asarray, state)
+    buf = buf_template if ckpt["buffer"] is None else unpack_buffer(buf_template, ckpt["buffer"], path)
+    try:
+        obs = env.set_state(ckpt["env"])
+    except Exception as e:
+        raise ConfigError(f"--resume {path!r}: the environment cannot be replayed to its saved state ({e})") from None
+    if not np.array_equal(obs, ckpt["obs"]):
+        raise ConfigError(f"--resume {path!r}: the environment replays to another state than the saved one "
+                          "(another MuJoCo, dm_control or Gymnasium version?)")
+    set_host_rng_states(ckpt["rng"])
+    return state, buf, obs
+
+
+# ---------------------------------------------------------------------------------------------
+# What goes into a training checkpoint besides the agent: the buffer, the host RNGs
+# ---------------------------------------------------------------------------------------------
+
+_BLOCK = 1 << 26  # 64 MiB: compressed independently, on all cores (zlib releases the GIL)
+
+
+def _compress(array: np.ndarray) -> dict:
+    data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+    blocks = [data[i:i + _BLOCK] for i in range(0, len(data), _BLOCK)]
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        chunks = list(pool.map(lambda b: zlib.compress(b, 1), blocks))
+    return {"dtype": array.dtype.str, "shape": list(array.shape), "chunks": chunks}
+
+
+def _decompress(packed: dict) -> np.ndarray:
+    data = b"".join(zlib.decompress(c) for c in packed["chunks"])
+    return np.frombuffer(data, dtype=np.dtype(packed["dtype"])).reshape(packed["shape"]).copy()
+
+
+def pack_buffer(buf: ReplayBuffer) -> dict:
+    """The filled part of the buffer, zlib-compressed. Consecutive transitions share an observation
+    (next_obs[i] is obs[i + 1] except where an episode ended), so next_obs is stored only where it
+    differs, which halves the largest part before compression."""
+    size, pos = int(buf.size), int(buf.pos)
+    host = {name: np.asarray(getattr(buf, name))[:size] for name in ("obs", "actions", "rewards", "next_obs", "terminated")}
+    capacity = buf.obs.shape[0]
+    following = host["obs"][(np.arange(size) + 1) % capacity] if size == capacity else np.concatenate(
+        [host["obs"][1:], np.zeros_like(host["obs"][:1])])
+    same = np.all(host["next_obs"].view(np.uint32) == following.view(np.uint32), axis=1)
+    if size:
+        same[(pos - 1) % capacity] = False  # the newest transition's successor is not in the buffer yet
+    packed = {name: _compress(host[name]) for name in ("obs", "actions", "rewards", "terminated")}
+    packed["next_obs_same"] = _compress(np.packbits(same))
+    packed["next_obs_rest"] = _compress(host["next_obs"][~same])
+    return {"size": size, "pos": pos, "fields": packed}
+
+
+def unpack_buffer(template: ReplayBuffer, packed: dict, path: str) -> ReplayBuffer:
+    import jax.numpy as jnp
+
+    size, pos, f = packed["size"], packed["pos"], packed["fields"]
+    capacity = template.obs.shape[0]
+    try:
+        host = {name: _decompress(f[name]) for name in ("obs", "actions", "rewards", "terminated")}
+        same = np.unpackbits(_decompress(f["next_obs_same"]))[:size].astype(bool)
+        next_obs = host["obs"][(np.arange(size) + 1) % max(size, 1)]
+        next_obs[~same] = _decompress(f["next_obs_rest"])
+        host["next_obs"] = next_obs
+        out = {}
+        for name in ("obs", "actions", "rewards", "next_obs", "terminated"):
+            full = np.zeros(getattr(template, name).shape, np.float32)
+            full[:size] = host[name]
+            out[name] = jnp.asarray(full)
+    except Exception:
+        raise ConfigError(f"--resume {path!r}: its replay buffer does not fit this run (another size or env)") from None
+    if not 0 <= pos < capacity or size > capacity:
+        raise ConfigError(f"--resume {path!r}: its replay buffer does not fit this run (another size or env)")
+    return ReplayBuffer(**out, pos=jnp.asarray(pos, jnp.int32), size=jnp.asarray(size, jnp.int32))
+
+
+def host_rng_states() -> dict:
+    return {"numpy": rng_state(np.random.mtrand._rand), "python": list(random.getstate()[1]),
+            "python_gauss": random.getstate()[2]}
+
+
+def set_host_rng_states(states: dict) -> None:
+    set_rng_state(np.random.mtrand._rand, states["numpy"])
+    random.setstate((3, tuple(states["python"]), states["python_gauss"]))
+
+
+def first_nonfinite(tree, prefix: str = "") -> str | None:
+    """The path of the first leaf of `tree` holding a NaN or an infinity, or None (one device sync)."""
+    import jax.numpy as jnp
+
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    arrays = [(p, x) for p, x in leaves if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
+    if not arrays:
+        return None
+    flags = np.asarray(jnp.stack([jnp.all(jnp.isfinite(x)) for _, x in arrays]))
+    bad = np.flatnonzero(~flags)
+    return prefix + jax.tree_util.keystr(arrays[bad[0]][0]) if bad.size else None
+
+
+class Diverged(RuntimeError):
+    """A loss or a parameter became NaN or infinite: the scripts print it as one line and exit 1."""
+
+    def __init__(self, what: str, step: int, last_checkpoint: str | None):
+        hint = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint
+                else "no checkpoint was written before it (see --checkpoint-every)")
+        super().__init__(f"{what} became NaN or infinite at step {step}: the run diverged and was stopped; {hint}")
+
+
+def check_metrics(info: dict, step: int, last_checkpoint: str | None) -> None:
+    """`info["finite"]` flags, in sorted-name order, which of the update's metrics are finite."""
+    finite = np.asarray(info["finite"])
+    if not finite.all():
+        names = sorted(k for k in info if k != "finite")
+        raise Diverged(", ".join(f"losses/{names[i]}" for i in np.flatnonzero(~finite)), step, last_checkpoint)
+
+
+def finite_flags(metrics: dict):
+    """Inside a jitted update: one flag per metric (sorted by name, as jit returns dicts), for check_metrics."""
+    import jax.numpy as jnp
+
+    return jnp.stack([jnp.all(jnp.isfinite(metrics[k])) for k in sorted(metrics)])
+
+
+class StopOnSignal:
+    """While active, SIGINT and SIGTERM only set `self.signal`: the training loop finishes its step,
+    writes a checkpoint and exits cleanly. A second Ctrl-C interrupts at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import random
 import warnings
@@ -16,6 +17,20 @@ import numpy as np  # noqa: E402
 
 class ConfigError(ValueError):
     """Bad user input: the scripts print its message as one line and exit with status 2."""
+
+
+def check_run_flags(args) -> None:
+    """The flags about where a run comes from (--resume, --eval-only --checkpoint) must agree."""
+    if args.resume and args.eval_only:
+        raise ConfigError("--resume continues training and --eval-only evaluates: give one of them")
+    if args.eval_only and not args.checkpoint:
+        raise ConfigError("--eval-only needs --checkpoint PATH (a model file, a training checkpoint or a run folder)")
+    if args.checkpoint and not args.eval_only:
+        raise ConfigError("--checkpoint is read by --eval-only; to continue training a run use --resume PATH")
+    if args.checkpoint and not os.path.exists(args.checkpoint):
+        raise ConfigError(f"--checkpoint {args.checkpoint!r} does not exist")
+    if args.resume and not os.path.exists(args.resume):
+        raise ConfigError(f"--resume {args.resume!r} does not exist (give a checkpoint file or a run folder)")
 
 
 _EXAMPLES = (
@@ -62,18 +77,19 @@ class _Float32Obs(gym.ObservationWrapper):
         return np.asarray(observation, dtype=np.float32)
 
 
-def make_env(env_id: str, seed: int) -> gym.Env:
+def make_env(env_id: str, seed: int, render: bool = False) -> gym.Env:
     """Build one env with flat float32 observations, actions in [-1, 1] and episode statistics.
 
     The caller seeds the dynamics with the first `env.reset(seed=seed)`; the spaces are seeded here.
     Episodes end with `terminated` (a true end: do not bootstrap) or `truncated` (a time limit:
     bootstrap), kept apart as Gymnasium reports them; dm_control episodes only ever truncate.
+    `render=True` makes `env.render()` return RGB frames (for --capture-video).
     """
     check_env_id(env_id)
     with warnings.catch_warnings():
         # v4 tasks are the papers' benchmarks; Gymnasium's "out of date" notice is noise here.
         warnings.filterwarnings("ignore", message=".*out of date.*")
-        env = gym.make(env_id)
+        env = gym.make(env_id, render_mode="rgb_array" if render else None)
     if not isinstance(env.action_space, gym.spaces.Box):
         raise ConfigError(f"--env-id {env_id!r} has a {type(env.action_space).__name__} action space; only continuous (Box) actions are supported")
     if isinstance(env.observation_space, gym.spaces.Dict) or len(env.observation_space.shape) != 1:
@@ -82,10 +98,62 @@ def make_env(env_id: str, seed: int) -> gym.Env:
     low, high = env.action_space.low, env.action_space.high
     if not (np.all(low == -1.0) and np.all(high == 1.0)):
         env = gym.wrappers.RescaleAction(env, -1.0, 1.0)
-    env = gym.wrappers.RecordEpisodeStatistics(env)
+    env = EpisodeReplay(gym.wrappers.RecordEpisodeStatistics(env))
     env.action_space.seed(seed)
     env.observation_space.seed(seed)
     return env
+
+
+def rng_state(rng) -> str:
+    """The state of a numpy Generator or RandomState as JSON (Python's ints hold PCG64's 128 bits)."""
+    if isinstance(rng, np.random.RandomState):
+        state = rng.get_state(legacy=False)
+        state["state"]["key"] = state["state"]["key"].tolist()
+        return json.dumps(state)
+    return json.dumps(rng.bit_generator.state)
+
+
+def set_rng_state(rng, state: str) -> None:
+    state = json.loads(state)
+    if isinstance(rng, np.random.RandomState):
+        state["state"]["key"] = np.asarray(state["state"]["key"], np.uint32)
+        rng.set_state(state)
+    else:
+        rng.bit_generator.state = state
+
+
+class EpisodeReplay(gym.Wrapper):
+    """Makes the env's state savable mid-episode. Gymnasium's MuJoCo envs pickle as their constructor
+    arguments, not their state, so this keeps what rebuilds the state instead: the reset's seed (or
+    the env's RNG state just before the reset) and the actions since. MuJoCo is deterministic, so
+    replaying them restores the simulator bit for bit, with every wrapper's counters (time limit,
+    episode statistics); the RNG of `action_space.sample()` is saved directly."""
+
+    def reset(self, *, seed=None, options=None):
+        self._reset_seed = seed
+        self._rng_before_reset = None if seed is not None else rng_state(self.unwrapped.np_random)
+        self._actions = []
+        return self.env.reset(seed=seed, options=options)
+
+    def step(self, action):
+        self._actions.append(np.array(action, copy=True))  # its own dtype: a cast could change the rescaling
+        return self.env.step(action)
+
+    def get_state(self) -> dict:
+        return {"reset_seed": self._reset_seed, "rng_before_reset": self._rng_before_reset, "actions": list(self._actions),
+                "action_space_rng": rng_state(self.action_space.np_random)}
+
+    def set_state(self, state: dict) -> np.ndarray:
+        """Replay a `get_state()` on a freshly made env of the same id; return the observation."""
+        if state["reset_seed"] is None:
+            set_rng_state(self.unwrapped.np_random, state["rng_before_reset"])
+        obs, _ = self.reset(seed=state["reset_seed"])
+        for action in state["actions"]:
+            obs, _, terminated, truncated, _ = self.step(action)
+            if terminated or truncated:
+                raise ValueError("the saved episode ends before its last action")
+        set_rng_state(self.action_space.np_random, state["action_space_rng"])
+        return obs
 
 
 def seed_everything(seed: int):
@@ -113,17 +181,46 @@ def env_step(env: gym.Env, obs: np.ndarray, action: np.ndarray):
     return transition, next_obs, episode
 
 
-def evaluate(env: gym.Env, act, actor_params, key, episodes: int):
+def evaluate(env: gym.Env, act, actor_params, key, episodes: int, seed=None, videos=()):
     """Run `episodes` whole episodes with `act(actor_params, obs, key) -> (action, key)`; return the
-    undiscounted returns and the advanced key."""
+    undiscounted returns and the advanced key. `seed` reseeds the first reset, which makes an
+    evaluation depend on nothing but its arguments (and so survive a resume unchanged). Episode i
+    is recorded to the MP4 file `videos[i]` where one is given (the env must be made with render=True)."""
     returns = []
-    for _ in range(episodes):
-        obs, _ = env.reset()
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed if i == 0 else None)
+        frames = [env.render()] if i < len(videos) else None
         done, total = False, 0.0
         while not done:
             action, key = act(actor_params, obs, key)
             obs, reward, terminated, truncated, _ = env.step(np.asarray(action))
             total += float(reward)
             done = terminated or truncated
+            if frames is not None:
+                frames.append(env.render())
         returns.append(total)
+        if frames is not None:
+            write_video(videos[i], frames, env.metadata.get("render_fps", 30))
     return returns, key
+
+
+RENDER_HELP = ("MuJoCo renders headless through EGL (MUJOCO_GL=egl): install libEGL "
+               "(Debian/Ubuntu: apt install libegl1 libgl1), or run with MUJOCO_GL=osmesa and libosmesa6")
+
+
+def check_rendering(env: gym.Env) -> None:
+    """Render one frame now, so a machine without EGL fails before training rather than at the first video."""
+    try:
+        frame = env.render()
+        if frame is None or frame.ndim != 3:
+            raise RuntimeError("no RGB frame")
+    except Exception as e:  # the GL backends raise many types
+        raise ConfigError(f"--capture-video: MuJoCo cannot render ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                          f"{RENDER_HELP}") from None
+
+
+def write_video(path: str, frames, fps: float) -> None:
+    import imageio.v2 as imageio  # imageio-ffmpeg brings its own ffmpeg
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    imageio.mimwrite(path, frames, fps=fps, macro_block_size=1)

@@ -31,3 +31,21 @@ def only_run_dir(cwd: str) -> str:
 
 def all_finite(points) -> bool:
     return all(math.isfinite(v) for _, v in points)
+
+
+def assert_same_tree(a, b, path: str = "") -> None:
+    """Bit-for-bit equality of two restored msgpack trees (dicts, lists, arrays, scalars)."""
+    import numpy as np
+
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (path, set(a) ^ set(b) if isinstance(b, dict) else b)
+        for k in a:
+            assert_same_tree(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{path}[{i}]")
+    elif isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), path
+    else:
+        assert a == b, (path, a, b)

@@ -53,7 +53,7 @@ def check_refused(tmp_path, args, *fragments):
 @pytest.mark.parametrize("args,fragments", [
     (["--env-id", "Hoper-v4"], ["unknown --env-id 'Hoper-v4'", "Hopper-v4", "dm_control/<domain>-<task>-v0"]),
     (["--env-id", "dm_control/dog-sprint-v0"], ["unknown --env-id 'dm_control/dog-sprint-v0'"]),
-    (["--learning-starts", "2000", "--total-timesteps", "1000"], ["--learning-starts 2000", "--total-timesteps 1000"]),
+    (["--keep-checkpoints", "0"], ["--keep-checkpoints must be at least 1, got 0"]),
     (["--batch-size", "512", "--buffer-size", "100"], ["--batch-size 512", "--buffer-size 100"]),
     (["--learning-rate", "0"], ["--learning-rate must be positive, got 0"]),
     (["--batch-size", "-4"], ["--batch-size must be positive, got -4"]),
@@ -61,7 +61,7 @@ def check_refused(tmp_path, args, *fragments):
     (["--expectile", "1.0"], ["--expectile must be in (0, 1)"]),
     (["--flow-steps", "0"], ["--flow-steps must be positive, got 0"]),
     (["--eval-only"], ["--eval-only needs --checkpoint"]),
-    (["--eval-only", "--checkpoint", "missing.msgpack"], ["'missing.msgpack' is not a file"]),
+    (["--eval-only", "--checkpoint", "missing.msgpack"], ["--checkpoint 'missing.msgpack' does not exist"]),
 ])
 def test_bad_input_is_one_line_and_no_traceback(tmp_path, args, fragments):
     check_refused(tmp_path, args, *fragments)
@@ -76,7 +76,7 @@ def test_corrupt_or_foreign_checkpoint_is_refused(tmp_path):
 
     foreign = tmp_path / "foreign.msgpack"
     foreign.write_bytes(serialization.msgpack_serialize({"algo": "sac_flow_g", "config": {}, "params": {}}))
-    check_refused(tmp_path, ["--eval-only", "--checkpoint", str(foreign)], "holds a sac_flow_g model, not a flowrl one")
+    check_refused(tmp_path, ["--eval-only", "--checkpoint", str(foreign)], "was written by sac_flow_g, not flowrl")
 
     truncated = tmp_path / "truncated.msgpack"
     good = serialization.msgpack_serialize({"algo": "flowrl", "config": {"env_id": "Hopper-v4", "hidden_dim": 8, "flow_steps": 1,

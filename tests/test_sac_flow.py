@@ -258,7 +258,7 @@ def test_short_run_learns_logs_saves_and_reloads(tmp_path, name):
 
 BAD_BOTH = [
     (["--env-id", "Hoper-v4"], ["unknown --env-id 'Hoper-v4'", "Hopper-v4"]),
-    (["--learning-starts", "2000", "--total-timesteps", "1000"], ["--learning-starts 2000", "--total-timesteps 1000"]),
+    (["--keep-checkpoints", "0"], ["--keep-checkpoints must be at least 1, got 0"]),
     (["--batch-size", "512", "--buffer-size", "100"], ["--batch-size 512", "--buffer-size 100"]),
     (["--batch-size", "-4"], ["--batch-size must be positive, got -4"]),
     (["--q-lr", "0"], ["--q-lr must be positive, got 0"]),
@@ -269,7 +269,7 @@ BAD_BOTH = [
     (["--tau", "0"], ["--tau must be in (0.0, 1.0], got 0.0"]),
     (["--gamma", "1.5"], ["--gamma must be in [0.0, 1.0], got 1.5"]),
     (["--eval-only"], ["--eval-only needs --checkpoint"]),
-    (["--eval-only", "--checkpoint", "missing.msgpack"], ["'missing.msgpack' is not a file"]),
+    (["--eval-only", "--checkpoint", "missing.msgpack"], ["--checkpoint 'missing.msgpack' does not exist"]),
 ]
 BAD = [(G, args, f) for args, f in BAD_BOTH] + [(T, args, f) for args, f in BAD_BOTH] + [
     (T, ["--d-model", "100", "--n-heads", "3"], ["--d-model 100 is not divisible by --n-heads 3"]),
@@ -311,4 +311,4 @@ def test_checkpoint_of_the_other_script_is_refused(tmp_path, monkeypatch, capsys
     foreign.write_bytes(serialization.msgpack_serialize({"algo": "sac_flow_g", "config": {}, "params": {}}))
     monkeypatch.chdir(tmp_path)
     assert T.main(["--eval-only", "--checkpoint", str(foreign)]) == 2
-    assert "holds a sac_flow_g model, not a sac_flow_t one" in capsys.readouterr().err
+    assert "was written by sac_flow_g, not sac_flow_t" in capsys.readouterr().err
