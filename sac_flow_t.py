@@ -614,7 +614,8 @@ def make_update(args: Args, act_dim: int):
                 "alpha": jnp.exp(log_alpha.params["log_alpha"]), **actor_info}
         return agent, {**info, "finite": finite_flags(info)}  # one flag per metric, for the divergence check
 
-    return jax.jit(update, donate_argnums=0)
+    # --debug-nans re-runs a call that made a NaN on its inputs, so they must not be donated.
+    return jax.jit(update, donate_argnums=() if args.debug_nans else 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -737,7 +738,7 @@ def train(args: Args, resume=None) -> dict:
     if not resume:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
     update = make_update(args, act_dim)
-    add = jax.jit(buffer_add, donate_argnums=0)
+    add = jax.jit(buffer_add, donate_argnums=() if args.debug_nans else 0)
     act_eval, act_explore = make_act(args, agent.actor.apply_fn, act_dim)
 
     def write_checkpoint(step: int) -> str:

@@ -168,6 +168,7 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
 def save_checkpoint(run_dir: str, step: int, payload: dict, keep: int) -> str:
     """Write the checkpoint of `step`, then delete all but the newest `keep`."""
     path = checkpoint_path(run_dir, step)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     write_atomic(path, payload)
     for _, old in list_checkpoints(run_dir)[:-keep]:
         os.unlink(old)

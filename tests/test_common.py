@@ -112,3 +112,104 @@ def test_unknown_env_id_is_refused_with_a_hint():
         check_env_id("Hoper-v4")
     with pytest.raises(ConfigError, match="dm_control/<domain>-<task>-v0"):
         check_env_id("dm_control/nothing-here-v0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint pieces: buffer packing, env replay, argument adoption, pruning, divergence flags
+# ---------------------------------------------------------------------------------------------
+
+
+def trajectory_buffer(capacity, steps, seed=0):
+    """Transitions as an env makes them: next_obs[i] is obs[i + 1] except where an episode ends."""
+    rng = np.random.default_rng(seed)
+    buf, obs = buffer_init(capacity, 3, 2), rng.normal(size=3).astype(np.float32)
+    for i in range(steps):
+        nxt = rng.normal(size=3).astype(np.float32)
+        done = i % 4 == 3
+        buf = buffer_add(buf, obs, rng.normal(size=2).astype(np.float32), np.float32(i), nxt, np.float32(done))
+        obs = rng.normal(size=3).astype(np.float32) if done else nxt
+    return buf
+
+
+@pytest.mark.parametrize("steps", [0, 3, 7, 12, 15])
+def test_packed_buffer_restores_exactly_across_wraparound(steps):
+    from flax import serialization
+
+    from common.checkpoint import pack_buffer, unpack_buffer
+
+    buf = trajectory_buffer(7, steps)
+    packed = serialization.msgpack_restore(serialization.msgpack_serialize(pack_buffer(buf)))
+    restored = unpack_buffer(buffer_init(7, 3, 2), packed, "x")
+    for name, a, b in zip(buf._fields, buf, restored):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes(), name
+    # Only the next_obs rows that are not the following obs are stored (episode ends, the newest).
+    stored = packed["fields"]["next_obs_rest"]["shape"][0]
+    assert stored < max(int(buf.size), 1) or steps <= 1
+
+
+def test_packed_buffer_of_another_size_is_refused():
+    from common.checkpoint import pack_buffer, unpack_buffer
+
+    with pytest.raises(ConfigError, match="does not fit this run"):
+        unpack_buffer(buffer_init(7, 4, 2), pack_buffer(trajectory_buffer(7, 5)), "x.ckpt")
+
+
+@pytest.mark.parametrize("env_id", ["Hopper-v4", "dm_control/cartpole-balance-v0"])
+def test_env_replay_restores_a_mid_episode_state_bit_for_bit(env_id):
+    env = make_env(env_id, 3)
+    obs, _ = env.reset(seed=3)
+    for i in range(130):  # several Hopper episodes, then into the next one
+        obs, _, terminated, truncated, _ = env.step(env.action_space.sample())
+        if terminated or truncated:
+            obs, _ = env.reset()
+    state = env.get_state()
+    copy = make_env(env_id, 99)  # other seeds: everything must come from the state
+    assert np.array_equal(copy.set_state(state), obs)
+    for _ in range(300):
+        a, b = env.action_space.sample(), copy.action_space.sample()
+        assert np.array_equal(a, b)
+        first, second = env.step(a), copy.step(b)
+        assert np.array_equal(first[0], second[0]) and first[1:4] == second[1:4]
+        if first[2] or first[3]:
+            assert first[4]["episode"]["r"] == second[4]["episode"]["r"]  # episode statistics replayed too
+            assert np.array_equal(env.reset()[0], copy.reset()[0])
+
+
+def test_adopted_arguments_refuse_a_contradiction():
+    from dataclasses import dataclass
+
+    from common.checkpoint import adopt_saved_args
+
+    @dataclass
+    class A:
+        width: int = 8
+        total: int = 100
+
+    args = A()
+    adopt_saved_args(args, {"width": 16, "total": 50}, A(), ["width", "total"], "--resume", may_change=("total",))
+    assert (args.width, args.total) == (16, 50)  # defaults give way to the saved values
+    args = A(total=300)
+    adopt_saved_args(args, {"width": 16, "total": 50}, A(), ["width", "total"], "--resume", may_change=("total",))
+    assert (args.width, args.total) == (16, 300)  # a flag that may change wins
+    with pytest.raises(ConfigError, match="--width 32 contradicts --resume's 16"):
+        adopt_saved_args(A(width=32), {"width": 16}, A(), ["width"], "--resume", may_change=("total",))
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    from common.checkpoint import list_checkpoints, save_checkpoint
+
+    for step in (100, 200, 300, 400):
+        save_checkpoint(str(tmp_path), step, {"format": 1, "step": step}, keep=2)
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [300, 400]
+
+
+def test_divergence_names_every_non_finite_metric():
+    from common.checkpoint import Diverged, check_metrics, finite_flags, first_nonfinite
+
+    metrics = {"qf_loss": jnp.float32(np.nan), "actor_loss": jnp.float32(1.0), "grad": jnp.array([1.0, np.inf])}
+    info = {**metrics, "finite": finite_flags(metrics)}
+    with pytest.raises(Diverged, match=r"losses/grad, losses/qf_loss became NaN or infinite at step 7: .*no checkpoint"):
+        check_metrics(info, 7, None)
+    check_metrics({"a": jnp.float32(1), "finite": finite_flags({"a": jnp.float32(1)})}, 7, None)
+    assert first_nonfinite({"w": jnp.ones(3), "b": jnp.array([0.0, np.nan])}, "agent") == "agent['b']"
+    assert first_nonfinite({"w": jnp.ones(3)}) is None

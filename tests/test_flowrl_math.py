@@ -124,7 +124,9 @@ def test_update_schedule_actor_and_targets_every_second_step():
     # second update: target <- 0.95 * online + 0.05 * target, with the just-updated online critic
     for online, old, new in zip(leaves(agent.critic.params), leaves(target1), leaves(agent.critic_target)):
         np.testing.assert_allclose(new, 0.95 * np.asarray(online) + 0.05 * old, rtol=1e-5, atol=1e-6)
-    assert all(np.isfinite(float(v)) for v in jax.device_get(info).values())
+    values = jax.device_get(info)
+    assert values.pop("finite").all() and len(values) == 10  # one finiteness flag per logged metric
+    assert all(np.isfinite(float(v)) for v in values.values())
     assert update._cache_size() == 1
 
 
