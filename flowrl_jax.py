@@ -129,7 +129,7 @@ from flax.training.train_state import TrainState  # noqa: E402
 
 from common.buffer import Batch, ReplayBuffer, buffer_add, buffer_init, buffer_sample  # noqa: E402
 from common.checkpoint import (Diverged, StopOnSignal, adopt_saved_args, check_metrics, finite_flags,  # noqa: E402
-                               first_nonfinite, load_model, load_training_checkpoint, prepare_run_dir,
+                               first_nonfinite, load_model, prepare_run_dir, read_resume,
                                restore_training, restore_tree, resume_run_dir, save_checkpoint, save_model,
                                training_checkpoint, video_dir)
 from common.env import check_rendering, env_step, evaluate, make_env, seed_everything  # noqa: E402
@@ -411,11 +411,6 @@ def make_act(args: Args, actor_apply, act_dim: int):
 
 ALGO = "flowrl"
 MODEL_CONFIG = ("env_id", "hidden_dim", "flow_steps", "integrator")
-# A resumed run keeps the checkpoint's arguments; these may be given anew (the display and the
-# run's source are never taken from it).
-MAY_CHANGE_ON_RESUME = ("total_timesteps", "checkpoint_every", "keep_checkpoints", "checkpoint_buffer", "debug_nans",
-                        "capture_video")
-NOT_RESUMED = ("progress", "resume", "eval_only", "checkpoint")
 
 
 def eval_only(args: Args) -> None:
@@ -445,13 +440,9 @@ def eval_only(args: Args) -> None:
 
 
 def prepare_resume(args: Args):
-    """Read --resume and adopt the run's arguments (a flag that contradicts them is refused)."""
-    path, ckpt = load_training_checkpoint(args.resume, ALGO)
-    adopt_saved_args(args, ckpt["args"], Args(), [n for n in asdict(args) if n not in NOT_RESUMED], "--resume",
-                     MAY_CHANGE_ON_RESUME)
+    """Read --resume and adopt the run's arguments, then check them as a new run's."""
+    path, ckpt = read_resume(args, ALGO, Args())
     check_args(args)
-    if args.total_timesteps < ckpt["step"]:
-        raise ConfigError(f"--total-timesteps {args.total_timesteps} is below the checkpoint's step {ckpt['step']}")
     return path, ckpt
 
 

@@ -255,6 +255,25 @@ def adopt_saved_args(args, saved: dict, defaults, names, flag: str, may_change=(
         setattr(args, name, saved[name])
 
 
+# A resumed run keeps the checkpoint's arguments; these may be given anew. The display and where the
+# run comes from are never taken from the checkpoint.
+MAY_CHANGE_ON_RESUME = ("total_timesteps", "checkpoint_every", "keep_checkpoints", "checkpoint_buffer", "debug_nans",
+                        "capture_video")
+NOT_RESUMED = ("progress", "resume", "eval_only", "checkpoint")
+
+
+def read_resume(args, algo: str, defaults) -> tuple[str, dict]:
+    """Read --resume and adopt the run's arguments into `args` (a flag that contradicts them is refused)."""
+    from dataclasses import fields
+
+    path, ckpt = load_training_checkpoint(args.resume, algo)
+    names = [f.name for f in fields(args) if f.name not in NOT_RESUMED]
+    adopt_saved_args(args, ckpt["args"], defaults, names, "--resume", MAY_CHANGE_ON_RESUME)
+    if args.total_timesteps < ckpt["step"]:
+        raise ConfigError(f"--total-timesteps {args.total_timesteps} is below the checkpoint's step {ckpt['step']}")
+    return path, ckpt
+
+
 def prepare_run_dir(run_dir: str, resumed: bool) -> None:
     """Create the run folder (a new run must not reuse one) and prove that it is writable, before any work."""
     try:
