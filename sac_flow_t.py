@@ -32,6 +32,8 @@ class Args:
     """the name of this experiment (part of the run name)"""
     seed: int = 1
     """seed of the environment, numpy and JAX"""
+    num_seeds: int = 1
+    """train this many independent agents at once, seeded --seed, --seed + 1, ... (vmapped; sharded over all devices)"""
     env_id: str = "Hopper-v4"
     """Gymnasium MuJoCo id (e.g. Ant-v4) or dm_control task (e.g. dm_control/dog-run-v0)"""
     total_timesteps: int = 1_000_000
@@ -129,7 +131,7 @@ class Args:
 
 def check_args(args: Args) -> None:
     """Refuse impossible settings with one line, before anything is built or compiled."""
-    positive = ["total_timesteps", "buffer_size", "batch_size", "policy_lr", "q_lr", "alpha_lr", "alpha", "flow_steps",
+    positive = ["num_seeds", "total_timesteps", "buffer_size", "batch_size", "policy_lr", "q_lr", "alpha_lr", "alpha", "flow_steps",
                 "d_model", "n_heads", "n_layers", "log_std_hidden", "n_critics", "critic_width", "policy_delay", "eval_every", "log_every",
                 "bn_eps"]
     for name in positive:
@@ -175,7 +177,8 @@ from common.checkpoint import (Diverged, StopOnSignal, adopt_saved_args, check_m
                                first_nonfinite, load_model, prepare_run_dir, read_resume,
                                restore_training, restore_tree, resume_run_dir, save_checkpoint, save_model,
                                training_checkpoint, video_dir)
-from common.env import check_rendering, env_step, evaluate, make_env, seed_everything  # noqa: E402
+from common.env import SeedEnvs, evaluate, seed_everything  # noqa: E402
+from common.seeds import per_seed, seed_map, seed_sharding  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,8 +535,8 @@ def make_policy(args: Args, actor_apply, act_dim: int):
     return policy
 
 
-def make_update(args: Args, act_dim: int):
-    """Build the jitted gradient step: sample a batch from the device buffer, update the critics;
+def make_update(args: Args, act_dim: int, sharding=None):
+    """Build the jitted gradient step of every seed: sample a batch from the device buffer, update the critics;
     every `policy_delay` critic updates also the actor and log alpha. One compiled call per env
     step, the agent donated (updated in place). The buffer is only read here; the newest transition
     goes in by its own donated call just before. Inserting inside this function made XLA copy the
@@ -544,7 +547,7 @@ def make_update(args: Args, act_dim: int):
     policy = make_policy(args, actor_apply, act_dim)
     B, K = args.batch_size, args.flow_steps
 
-    def update(agent: Agent, buf: ReplayBuffer):
+    def update(agent: Agent, buf: ReplayBuffer, do_actor):
         key, k_batch, k_next, k_pi = jax.random.split(agent.key, 4)
         b = buffer_sample(buf, k_batch, B)
         alpha = jnp.exp(agent.log_alpha.params["log_alpha"])
@@ -604,7 +607,6 @@ def make_update(args: Args, act_dim: int):
                     "grad_norms": grad_norms}
             return actor, log_alpha, info
 
-        do_actor = (agent.updates + 1) % args.policy_delay == 0
         carry = (agent.actor, agent.log_alpha, agent.actor_info)
         actor, log_alpha, actor_info = jax.lax.cond(do_actor, actor_step, lambda c: c, carry)
 
@@ -614,8 +616,15 @@ def make_update(args: Args, act_dim: int):
                 "alpha": jnp.exp(log_alpha.params["log_alpha"]), **actor_info}
         return agent, {**info, "finite": finite_flags(info)}  # one flag per metric, for the divergence check
 
+    def update_seeds(agent: Agent, buf: ReplayBuffer):
+        # Every seed is at the same update, so the policy delay is decided once, outside the vmap: a
+        # per-seed predicate would turn lax.cond into a select that runs the actor update every step.
+        do_actor = (agent.updates[0] + 1) % args.policy_delay == 0
+        return seed_map(update, args.num_seeds, in_axes=(0, 0, None))(agent, buf, do_actor)
+
     # --debug-nans re-runs a call that made a NaN on its inputs, so they must not be donated.
-    return jax.jit(update, donate_argnums=() if args.debug_nans else 0)
+    # The outputs keep the inputs' seed sharding, so the next call finds the same signature (one compile).
+    return jax.jit(update_seeds, donate_argnums=() if args.debug_nans else 0, out_shardings=sharding)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -623,20 +632,17 @@ def make_update(args: Args, act_dim: int):
 # ---------------------------------------------------------------------------------------------
 
 
-def make_act(args: Args, actor_apply, act_dim: int):
+def make_act(args: Args, actor_apply, act_dim: int, num_seeds: int):
+    """Jitted (evaluation, exploration) actions for all seeds at once: (params, obs, key) stacked over seeds."""
     policy = make_policy(args, actor_apply, act_dim)
 
-    @jax.jit
-    def act(actor_params, obs, key):
+    def act(actor_params, obs, key, deterministic: bool):
         key, sub = jax.random.split(key)
-        return policy(actor_params, obs[None], sub, args.eval_deterministic)[0][0], key
+        return policy(actor_params, obs[None], sub, deterministic)[0][0], key
 
-    @jax.jit
-    def act_explore(actor_params, obs, key):
-        key, sub = jax.random.split(key)
-        return policy(actor_params, obs[None], sub)[0][0], key
-
-    return act, act_explore
+    act_eval = lambda p, o, k: act(p, o, k, args.eval_deterministic)
+    act_explore = lambda p, o, k: act(p, o, k, False)
+    return jax.jit(seed_map(act_eval, num_seeds)), jax.jit(seed_map(act_explore, num_seeds))
 
 
 ALGO = "sac_flow_t"
@@ -646,23 +652,23 @@ MODEL_CONFIG = ("env_id", "flow_steps", "drift", "d_model", "n_heads", "n_layers
 
 def eval_only(args: Args) -> None:
     """Rebuild the actor that the checkpoint was trained with and evaluate it on its env."""
-    config, raw = load_model(args.checkpoint, ALGO, MODEL_CONFIG)
+    config, raw = load_model(args.checkpoint, ALGO, MODEL_CONFIG, args.seed)
     adopt_saved_args(args, config, Args(), MODEL_CONFIG, "--checkpoint")
     check_env_id(args.env_id)
-    env = make_env(args.env_id, args.seed, render=args.capture_video)
+    env = SeedEnvs(args.env_id, [args.seed], render=args.capture_video)
     try:
-        env.reset(seed=args.seed)
         if args.capture_video:
-            check_rendering(env)
+            env.render_check()
         obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
         actor = make_actor(args, act_dim)
         template = actor.init(jax.random.PRNGKey(0), jnp.zeros((1, obs_dim)), jnp.zeros((1, act_dim)), jnp.zeros((1, 1)))
         params = restore_tree(template, raw.get("actor"), args.checkpoint)
-        act, _ = make_act(args, actor.apply, act_dim)
+        act, _ = make_act(args, actor.apply, act_dim, 1)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         videos = [os.path.join(video_dir(args.checkpoint), f"eval_only_{stamp}_episode{i}.mp4")
                   for i in range(args.eval_episodes)] if args.capture_video else []
-        returns, _ = evaluate(env, act, params, jax.random.PRNGKey(args.seed), args.eval_episodes, args.seed, videos)
+        params, key = jax.tree_util.tree_map(lambda x: x[None], (params, jax.random.PRNGKey(args.seed)))
+        returns = evaluate(env, act, params, key, args.eval_episodes, [args.seed], [videos])[0]
     finally:
         env.close()
     print(f"{args.env_id}: eval return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes")
@@ -683,39 +689,49 @@ def prepare_resume(args: Args):
 
 
 def train(args: Args, resume=None) -> dict:
-    """Train (or continue `resume` = (path, checkpoint) from prepare_resume). Returns a summary."""
+    """Train --num-seeds agents (or continue `resume` = (path, checkpoint) from prepare_resume). Returns a summary."""
     from tensorboardX import SummaryWriter
     from tqdm import tqdm
 
+    S, seeds = args.num_seeds, [args.seed + i for i in range(args.num_seeds)]
     if resume:
         run_name, run_dir = resume[1]["meta"]["run_name"], resume_run_dir(*resume)
     else:
         run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
         run_dir = os.path.join("runs", run_name)
+    # One TensorBoard run per seed, so plots and TensorBoard see S ordinary runs.
+    log_dirs = [run_dir] if S == 1 else [f"{run_dir}__s{seed}" for seed in seeds]
     prepare_run_dir(run_dir, resumed=resume is not None)
 
-    key = seed_everything(args.seed)
-    env = make_env(args.env_id, args.seed)
-    eval_env = make_env(args.env_id, args.seed + 10_000, render=args.capture_video)
+    seed_everything(args.seed)
+    sharding, n_devices = seed_sharding(S)
+    on_seeds = lambda tree: jax.device_put(tree, sharding)
+    envs = SeedEnvs(args.env_id, seeds)
+    eval_envs = SeedEnvs(args.env_id, [seed + 10_000 for seed in seeds], render=args.capture_video)
     if args.capture_video:
-        eval_env.reset(seed=args.seed)
-        check_rendering(eval_env)
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+        eval_envs.render_check()
+    obs_dim, act_dim = envs.observation_space.shape[0], envs.action_space.shape[0]
 
-    key, k_agent, k_act, k_eval = jax.random.split(key, 4)
-    agent = create_agent(args, obs_dim, act_dim, k_agent)
-    buf = buffer_init(args.buffer_size, obs_dim, act_dim)
-    obs, _ = env.reset(seed=args.seed)
-    start_step, meta, last_checkpoint = 0, {"run_name": run_name, "elapsed": 0.0, "updates_from": args.learning_starts}, None
+    # Each seed's keys are split from its own root exactly as a single run's: agent i is the run --seed X+i.
+    keys = jnp.stack([jax.random.split(jax.random.PRNGKey(seed), 4) for seed in seeds])
+    k_agent, k_act, k_eval = on_seeds(keys[:, 1]), on_seeds(keys[:, 2]), keys[:, 3]
+    agent = jax.jit(seed_map(lambda k: create_agent(args, obs_dim, act_dim, k), S), out_shardings=sharding)(k_agent)
+    buf = jax.jit(lambda: jax.tree_util.tree_map(lambda x: jnp.zeros((S,) + x.shape, x.dtype),
+                                                 buffer_init(args.buffer_size, obs_dim, act_dim)), out_shardings=sharding)()
+    obs = envs.reset()
+    start_step, last_checkpoint = 0, None
+    meta = {"run_name": run_name, "elapsed": 0.0, "updates_from": args.learning_starts, "last_return": [float("nan")] * S}
     if resume:
         last_checkpoint, ckpt = resume
-        state, buf, obs = restore_training(last_checkpoint, ckpt, {"agent": agent, "k_act": k_act}, buf, env)
-        agent, k_act = state["agent"], state["k_act"]
+        state, buf, obs = restore_training(last_checkpoint, ckpt, {"agent": agent, "k_act": k_act}, buf, envs)
+        agent, k_act, buf = on_seeds(state["agent"]), on_seeds(state["k_act"]), on_seeds(buf)
         start_step, meta = ckpt["step"], ckpt["meta"]
         if ckpt["buffer"] is None:  # refill before updating again, as at the start of a run
             meta["updates_from"] = max(meta["updates_from"], start_step + max(args.learning_starts, args.batch_size))
         print(f"resumed {run_dir} at step {start_step} from {last_checkpoint}"
               + ("" if ckpt["buffer"] is not None else f" (no buffer saved: refilling until step {meta['updates_from']})"))
+    if S > 1:
+        print(f"{S} seeds ({seeds[0]} to {seeds[-1]}) on {n_devices} device(s); each logs to {run_dir}__s<seed>")
     if args.learning_starts >= args.total_timesteps:
         print(f"note: --learning-starts {args.learning_starts} >= --total-timesteps {args.total_timesteps}: this run only "
               "collects random transitions (resume it with a larger --total-timesteps to learn)")
@@ -724,79 +740,87 @@ def train(args: Args, resume=None) -> dict:
 
     # purge_step hides anything a crashed run logged after the checkpoint, so no step appears twice; the
     # suffix keeps a resumed session from reusing (and truncating) an event file of the same second.
-    writer = SummaryWriter(run_dir, purge_step=start_step + 1 if resume else None,
-                           filename_suffix=f".from{start_step}" if resume else "")
+    writers = [SummaryWriter(log_dir, purge_step=start_step + 1 if resume else None,
+                             filename_suffix=f".from{start_step}" if resume else "") for log_dir in log_dirs]
     if not resume:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-    update = make_update(args, act_dim)
-    add = jax.jit(buffer_add, donate_argnums=() if args.debug_nans else 0)
-    act_eval, act_explore = make_act(args, agent.actor.apply_fn, act_dim)
+        table = "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+        for seed, writer in zip(seeds, writers):
+            writer.add_text("hyperparameters", table + (f"\n|agent seed|{seed}|" if S > 1 else ""))
+    update = make_update(args, act_dim, sharding)
+    add = jax.jit(seed_map(buffer_add, S), donate_argnums=() if args.debug_nans else 0, out_shardings=sharding)
+    act_eval, act_explore = make_act(args, agent.actor.apply_fn, act_dim, S)
 
     def write_checkpoint(step: int) -> str:
-        bad = first_nonfinite(agent, "agent")
+        bad = first_nonfinite(agent, "agent", seeds)
         if bad:
             raise Diverged(f"parameter {bad}", step, last_checkpoint)
-        writer.flush()  # the logs up to this step are on disk before the checkpoint that follows them
+        for writer in writers:  # the logs up to this step are on disk before the checkpoint that follows them
+            writer.flush()
         meta.update(elapsed=time.time() - start, last_return=last_return)
-        payload = training_checkpoint(ALGO, args, step, {"agent": agent, "k_act": k_act}, buf if args.checkpoint_buffer else None, env, obs, meta)
+        payload = training_checkpoint(ALGO, args, step, {"agent": agent, "k_act": k_act}, buf if args.checkpoint_buffer else None, envs, obs, meta)
         return save_checkpoint(run_dir, step, payload, args.keep_checkpoints)
 
-    info, last_return, returns_seen, stopped = None, meta.get("last_return", float("nan")), [], None
+    info, last_return, returns_seen, stopped = None, list(meta["last_return"]), [[] for _ in seeds], None
     start = window_start = time.time() - meta["elapsed"]
     window_step, postfix, learn_start_time, n_updates = start_step, {}, None, 0
-    bar = tqdm(total=args.total_timesteps, initial=start_step, disable=not args.progress, dynamic_ncols=True, unit="step")
+    bar = tqdm(total=args.total_timesteps, initial=start_step, disable=not args.progress, dynamic_ncols=True, unit="step",
+               desc=f"{S} seeds" if S > 1 else None)
     try:
         # jax.debug_nans as a context: the global config flag is not honoured reliably once flax has run.
         with StopOnSignal() as stop, jax.debug_nans(args.debug_nans):
             for global_step in range(start_step, args.total_timesteps):
                 step = global_step + 1
-                if global_step >= args.learning_starts:
-                    action, k_act = act_explore(agent.actor.params, obs, k_act)
-                    action = np.asarray(action)
+                if global_step < args.learning_starts:
+                    actions = envs.random_actions()
                 else:
-                    action = env.action_space.sample()
-                transition, obs, episode = env_step(env, obs, action)
-                buf = add(buf, *transition)
+                    actions, k_act = act_explore(agent.actor.params, obs, k_act)
+                    actions = np.asarray(actions)
+                transitions, obs, episodes = envs.step(obs, actions)
+                buf = add(buf, *transitions)
                 if global_step >= meta["updates_from"]:
                     if learn_start_time is None:
                         learn_start_time = time.time()
                     agent, info = update(agent, buf)
                     n_updates += 1
-                    check_metrics(info, step, last_checkpoint)
-                if episode is not None:
-                    last_return = float(episode["r"])
-                    returns_seen.append(last_return)
-                    writer.add_scalar("charts/episodic_return", last_return, step)
-                    writer.add_scalar("charts/episodic_length", int(episode["l"]), step)
+                    check_metrics(info, step, last_checkpoint, seeds)
+                for i, episode in enumerate(episodes):
+                    if episode is not None:
+                        last_return[i] = float(episode["r"])
+                        returns_seen[i].append(last_return[i])
+                        writers[i].add_scalar("charts/episodic_return", last_return[i], step)
+                        writers[i].add_scalar("charts/episodic_length", int(episode["l"]), step)
 
                 if step % args.log_every == 0:
-                    now = time.time()
+                    now = time.time()  # SPS: each seed's env steps per second; the bar shows all seeds' total
                     sps, window_sps = int(step / (now - start)), int((step - window_step) / (now - window_start))
                     window_start, window_step = now, step
-                    writer.add_scalar("charts/SPS", sps, step)
-                    writer.add_scalar("charts/SPS_window", window_sps, step)
-                    if info is not None:
-                        values = jax.device_get(info)
-                        values.pop("finite")
-                        for k, norm in enumerate(values.pop("grad_norms")):
+                    values = {} if info is None else {k: v for k, v in jax.device_get(info).items() if k != "finite"}
+                    grad_norms = values.pop("grad_norms", None)
+                    for i, writer in enumerate(writers):
+                        writer.add_scalar("charts/SPS", sps, step)
+                        writer.add_scalar("charts/SPS_window", window_sps, step)
+                        for k, norm in enumerate(grad_norms[i] if grad_norms is not None else []):
                             writer.add_scalar(f"grad/step_{k}", float(norm), step)
                         for name, value in values.items():
-                            writer.add_scalar(f"losses/{name}", float(value), step)
-                    postfix["sps"] = window_sps
+                            writer.add_scalar(f"losses/{name}", float(value[i]), step)
+                    postfix["sps"] = window_sps * S
                 if step % args.eval_every == 0 and args.eval_episodes > 0:
                     eval_start = time.time()
                     # Seeded by the step alone, so a resumed run evaluates exactly as an uninterrupted one.
-                    videos = [os.path.join(run_dir, "videos", f"eval_step{step:010d}.mp4")] if args.capture_video else []
-                    eval_returns, _ = evaluate(eval_env, act_eval, agent.actor.params, jax.random.fold_in(k_eval, step),
-                                               args.eval_episodes, args.seed + 10_000 + step, videos)
-                    writer.add_scalar("eval/episodic_return", float(np.mean(eval_returns)), step)
+                    videos = [[os.path.join(run_dir, "videos", f"eval_step{step:010d}{'' if S == 1 else f'_s{seed}'}.mp4")]
+                              if args.capture_video else [] for seed in seeds]
+                    eval_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(k_eval, step)
+                    eval_returns = evaluate(eval_envs, act_eval, agent.actor.params, on_seeds(eval_keys), args.eval_episodes,
+                                            [seed + 10_000 + step for seed in seeds], videos)
+                    for writer, returns in zip(writers, eval_returns):
+                        writer.add_scalar("eval/episodic_return", float(np.mean(returns)), step)
                     postfix["eval"] = f"{np.mean(eval_returns):.1f}"
                     eval_time = time.time() - eval_start
                     window_start += eval_time  # SPS_window measures training only
                     if learn_start_time is not None:
                         learn_start_time += eval_time
-                if episode is not None or step % args.log_every == 0:
-                    postfix["return"] = f"{last_return:.1f}"
+                if any(e is not None for e in episodes) or step % args.log_every == 0:
+                    postfix["return"] = f"{np.nanmean(last_return):.1f}" if not np.all(np.isnan(last_return)) else "nan"
                     bar.set_postfix(postfix, refresh=False)
                 bar.update(1)
 
@@ -810,28 +834,31 @@ def train(args: Args, resume=None) -> dict:
         raise Diverged(f"an array (jax_debug_nans: {str(e).splitlines()[0]})", step, last_checkpoint) from None
     finally:
         bar.close()
-        writer.close()
-        env.close()
-        eval_env.close()
+        for writer in writers:
+            writer.close()
+        envs.close()
+        eval_envs.close()
     jax.block_until_ready(agent)
     end = time.time()
 
     compiles = update._cache_size()
     if args.save_model and not stopped:
-        path = os.path.join(run_dir, f"{args.exp_name}.msgpack")
-        params = {"actor": agent.actor.params, "critic": agent.critic.params, "batch_stats": agent.critic.batch_stats,
-                  "log_alpha": agent.log_alpha.params["log_alpha"]}
-        save_model(path, ALGO, {k: getattr(args, k) for k in MODEL_CONFIG}, params)
-        print(f"model saved to {path}")
+        for i, log_dir in enumerate(log_dirs):
+            path = os.path.join(log_dir, f"{args.exp_name}.msgpack")
+            params = per_seed({"actor": agent.actor.params, "critic": agent.critic.params, "batch_stats": agent.critic.batch_stats,
+                               "log_alpha": agent.log_alpha.params["log_alpha"]}, i)
+            save_model(path, ALGO, {k: getattr(args, k) for k in MODEL_CONFIG}, params)
+            print(f"model of seed {seeds[i]} saved to {path}")
     learn_sps = n_updates / (end - learn_start_time) if learn_start_time is not None else float("nan")
     if stopped:
         print(f"{stopped}: stopped after step {step}; checkpoint {last_checkpoint}; to continue: "
               f"python {os.path.basename(__file__)} --resume {run_dir}")
     else:
-        print(f"{args.total_timesteps} steps in {end - start:.0f} s ({learn_sps:.1f} env steps/s while learning, "
-              f"evaluation excluded); update compiled {compiles} time(s); logs in {run_dir}")
-    return {"run_dir": run_dir, "compiles": compiles, "returns": returns_seen, "learn_sps": learn_sps,
-            "stopped": stopped, "checkpoint": last_checkpoint, "agent": agent}
+        print(f"{args.total_timesteps} steps x {S} seed(s) in {end - start:.0f} s ({learn_sps * S:.1f} env steps/s in all "
+              f"while learning, evaluation excluded); update compiled {compiles} time(s); logs in {log_dirs[0]}"
+              + (f" and {S - 1} more" if S > 1 else ""))
+    return {"run_dir": run_dir, "log_dirs": log_dirs, "compiles": compiles, "returns": returns_seen, "learn_sps": learn_sps,
+            "total_sps": learn_sps * S, "stopped": stopped, "checkpoint": last_checkpoint, "agent": agent}
 
 
 def main(argv=None) -> int:

@@ -31,7 +31,7 @@ def main() -> None:
     import numpy as np
 
     from common.buffer import ReplayBuffer, buffer_init
-    from common.checkpoint import pack_buffer, read_container, unpack_buffer, write_atomic
+    from common.checkpoint import FORMAT, pack_buffer, read_container, unpack_buffer, write_atomic
     from common.env import make_env
 
     env = make_env(opts.env_id, 0)
@@ -56,7 +56,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=ROOT) as folder:
         path = os.path.join(folder, "buffer.ckpt")
         start = time.perf_counter()
-        write_atomic(path, {"format": 1, "buffer": packed})
+        write_atomic(path, {"format": FORMAT, "buffer": packed})
         t_write = time.perf_counter() - start
         size = os.path.getsize(path)
         start = time.perf_counter()

@@ -3,8 +3,9 @@
     python benchmarks/plot.py                                   # the committed CPU runs -> benchmarks/results
     python benchmarks/plot.py --runs runs --out my_results      # your own runs (e.g. from benchmarks/run.py)
 
-Runs are grouped by (task, script) from their folder names `{env}__{exp_name}__{seed}__{time}` (the
-newest folder per seed counts). For each task it draws `eval/episodic_return` and
+Runs are grouped by (task, script) from their folder names `{env}__{exp_name}__{seed}__{time}`, or
+`{env}__{exp_name}__{seed}__{time}__s{seed}` for each seed of a --num-seeds run (the newest folder per
+seed counts). For each task it draws `eval/episodic_return` and
 `charts/episodic_return` against env steps, one line per script, with the published results of
 REFERENCE.md section 3 as labelled dashed lines (the paper's own evaluation returns on the left,
 CleanRL's training returns on the right, all at 1M steps), and writes `final_returns.md`: the last
@@ -100,7 +101,9 @@ def find_runs(root: str) -> dict:
         if len(parts) < 4 or not os.path.isdir(run_dir) or not glob.glob(os.path.join(run_dir, "events.out.tfevents.*")):
             continue
         env_id = parts[0].replace("dm_control_", "dm_control/")
-        key = (env_id, parts[1], parts[2])
+        # A --num-seeds run logs each seed to {run_name}__s{seed}: the seed is the suffix's.
+        seed = parts[4][1:] if len(parts) > 4 and parts[4][:1] == "s" and parts[4][1:].isdigit() else parts[2]
+        key = (env_id, parts[1], seed)
         if key not in newest or parts[3] > os.path.basename(newest[key]).split("__")[3]:
             newest[key] = run_dir
     groups = collections.defaultdict(list)

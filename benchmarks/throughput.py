@@ -149,8 +149,10 @@ def measure_update(module, env_id: str, steps: int, profile: bool) -> dict:
     env = make_env(env_id, 0)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     env.close()
-    agent = module.create_agent(args, obs_dim, act_dim, jax.random.PRNGKey(0))
-    buf = filled_buffer(args, obs_dim, act_dim, max(args.batch_size, 4096))
+    # One seed: the scripts' arrays carry a leading seed axis (--num-seeds), here of size 1.
+    one_seed = lambda tree: jax.tree_util.tree_map(lambda x: x[None], tree)
+    agent = one_seed(module.create_agent(args, obs_dim, act_dim, jax.random.PRNGKey(0)))
+    buf = one_seed(filled_buffer(args, obs_dim, act_dim, max(args.batch_size, 4096)))
     update = module.make_update(args, act_dim)
 
     t = time.perf_counter()

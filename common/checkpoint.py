@@ -26,10 +26,11 @@ from flax import serialization
 
 from common.buffer import ReplayBuffer
 from common.env import ConfigError, rng_state, set_rng_state
+from common.seeds import per_seed, stack_seeds
 
 MAGIC = b"FLOWCKPT"
 HEADER = struct.Struct("<8sQI")  # magic, payload bytes, CRC-32 of the payload
-FORMAT = 1
+FORMAT = 2  # 2: training checkpoints carry a leading seed axis (--num-seeds); 1 is read and upgraded
 
 
 def write_atomic(path: str, payload: dict) -> None:
@@ -78,11 +79,22 @@ def read_container(path: str, flag: str) -> dict:
         raise ConfigError(f"{flag} {path!r} is corrupt (its checksum does not match)")
     try:
         state = serialization.msgpack_restore(bytes(payload))
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
+        if not isinstance(state, dict) or state.get("format") not in (1, FORMAT):
             raise ValueError
     except Exception:
         raise ConfigError(f"{flag} {path!r} is not a checkpoint of this version of the scripts") from None
+    if state["format"] == 1 and state.get("kind") == "train":
+        state = _add_seed_axis(state)
     return state
+
+
+def _add_seed_axis(state: dict) -> dict:
+    """A format-1 training checkpoint (one seed, no seed axis) as the one-seed run it is."""
+    to_axis = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(x)[None], tree)
+    meta = dict(state["meta"], last_return=[state["meta"].get("last_return", float("nan"))])
+    return {**state, "format": FORMAT, "args": {**state["args"], "num_seeds": 1}, "state": to_axis(state["state"]),
+            "buffer": None if state["buffer"] is None else [state["buffer"]], "env": [state["env"]],
+            "obs": np.asarray(state["obs"])[None], "meta": meta}
 
 
 def _read_legacy_model(blob: bytes, path: str, flag: str) -> dict:
@@ -111,15 +123,22 @@ def save_model(path: str, algo: str, config: dict, params: dict) -> None:
                         "params": serialization.to_state_dict(params)})
 
 
-def load_model(path: str, algo: str, config_keys=()) -> tuple[dict, dict]:
+def load_model(path: str, algo: str, config_keys=(), seed: int | None = None) -> tuple[dict, dict]:
     """Read a model file or a training checkpoint (or a run folder's newest checkpoint) of `algo`;
-    return (config, raw parameter dict with at least "actor")."""
+    return (config, raw parameter dict with at least "actor"). Of a many-seed training checkpoint the
+    agent of `seed` is taken (the first agent when `seed` is None)."""
     if os.path.isdir(path):
         path = newest_checkpoint(path, "--checkpoint")
     state = read_container(path, "--checkpoint")
     check_algo(state, algo, path, "--checkpoint")
     if state["kind"] == "train":
-        config, raw = state["args"], {"actor": state["state"]["agent"]["actor"]["params"]}
+        config, first, count = state["args"], state["args"].get("seed", 0), state["args"].get("num_seeds", 1)
+        i = 0 if seed is None or count == 1 else seed - first
+        if not 0 <= i < count:
+            raise ConfigError(f"--seed {seed}: {path!r} holds the agents of seeds {first} to {first + count - 1}; "
+                              "pick one of them with --seed")
+        actor = jax.tree_util.tree_map(lambda x: np.asarray(x)[i], state["state"]["agent"]["actor"]["params"])
+        config, raw = state["args"], {"actor": actor}
     else:
         config, raw = state["config"], state["params"]
     missing = [k for k in config_keys if k not in config]
@@ -286,26 +305,31 @@ def prepare_run_dir(run_dir: str, resumed: bool) -> None:
         raise ConfigError(f"cannot write the run folder {run_dir!r}: {e.strerror}") from None
 
 
-def training_checkpoint(algo: str, args, step: int, state, buf, env, obs, meta: dict) -> dict:
+def training_checkpoint(algo: str, args, step: int, state, buf, envs, obs, meta: dict) -> dict:
     """The payload of a training checkpoint: `state` is every array the run carries (agent with its
-    optimisers, statistics and keys; the acting key), `buf` the replay buffer or None."""
+    optimisers, statistics and keys; the acting key), `buf` the replay buffer or None, all with a
+    leading seed axis; `envs` the run's SeedEnvs. The buffer is packed seed by seed."""
     from dataclasses import asdict
 
+    host_buf = None if buf is None else jax.device_get(buf)
     return {"format": FORMAT, "algo": algo, "kind": "train", "step": step, "args": asdict(args),
             "state": serialization.to_state_dict(jax.device_get(state)),
-            "buffer": None if buf is None else pack_buffer(buf), "env": env.get_state(), "obs": np.asarray(obs),
-            "rng": host_rng_states(), "meta": meta}
+            "buffer": None if buf is None else [pack_buffer(per_seed(host_buf, i)) for i in range(len(envs))],
+            "env": envs.get_state(), "obs": np.asarray(obs), "rng": host_rng_states(), "meta": meta}
 
 
-def restore_training(path: str, ckpt: dict, state_template, buf_template, env):
-    """Inverse of `training_checkpoint` on freshly built templates; returns (state, buffer, obs)."""
-    import jax.numpy as jnp
-
+def restore_training(path: str, ckpt: dict, state_template, buf_template, envs):
+    """Inverse of `training_checkpoint` on freshly built (seed-stacked) templates; returns (state, buffer, obs)."""
     state = restore_tree(state_template, ckpt["state"], path, "--resume")
-    state = jax.tree_util.tree_map(jnp.asarray, state)
-    buf = buf_template if ckpt["buffer"] is None else unpack_buffer(buf_template, ckpt["buffer"], path)
+    if ckpt["buffer"] is None:
+        buf = buf_template
+    elif len(ckpt["buffer"]) != len(envs):
+        raise ConfigError(f"--resume {path!r}: its replay buffer does not fit this run (another number of seeds)")
+    else:
+        template = per_seed(buf_template, 0)
+        buf = stack_seeds([unpack_buffer(template, packed, path) for packed in ckpt["buffer"]])
     try:
-        obs = env.set_state(ckpt["env"])
+        obs = envs.set_state(ckpt["env"])
     except Exception as e:
         raise ConfigError(f"--resume {path!r}: the environment cannot be replayed to its saved state ({e})") from None
     if not np.array_equal(obs, ckpt["obs"]):
@@ -386,17 +410,22 @@ def set_host_rng_states(states: dict) -> None:
     random.setstate((3, tuple(states["python"]), states["python_gauss"]))
 
 
-def first_nonfinite(tree, prefix: str = "") -> str | None:
-    """The path of the first leaf of `tree` holding a NaN or an infinity, or None (one device sync)."""
+def first_nonfinite(tree, prefix: str = "", seeds=None) -> str | None:
+    """The path of the first leaf of `tree` holding a NaN or an infinity, or None (one device sync).
+    With `seeds`, every leaf has a leading seed axis and the answer names the seed too."""
     import jax.numpy as jnp
 
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
     arrays = [(p, x) for p, x in leaves if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
     if not arrays:
         return None
-    flags = np.asarray(jnp.stack([jnp.all(jnp.isfinite(x)) for _, x in arrays]))
-    bad = np.flatnonzero(~flags)
-    return prefix + jax.tree_util.keystr(arrays[bad[0]][0]) if bad.size else None
+    finite = lambda x: jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim))) if seeds is not None else jnp.all(jnp.isfinite(x))
+    flags = np.asarray(jnp.stack([finite(x) for _, x in arrays]))  # (leaves,) or (leaves, seeds)
+    bad = np.argwhere(~flags)
+    if not bad.size:
+        return None
+    name = prefix + jax.tree_util.keystr(arrays[bad[0][0]][0])
+    return name if seeds is None else f"{name} of seed {seeds[bad[0][1]]}"
 
 
 class Diverged(RuntimeError):
@@ -408,12 +437,18 @@ class Diverged(RuntimeError):
         super().__init__(f"{what} became NaN or infinite at step {step}: the run diverged and was stopped; {hint}")
 
 
-def check_metrics(info: dict, step: int, last_checkpoint: str | None) -> None:
-    """`info["finite"]` flags, in sorted-name order, which of the update's metrics are finite."""
+def check_metrics(info: dict, step: int, last_checkpoint: str | None, seeds=None) -> None:
+    """`info["finite"]` flags, in sorted-name order, which of the update's metrics are finite; with
+    `seeds`, one row of flags per seed, and the first seed with a bad metric is named."""
     finite = np.asarray(info["finite"])
     if not finite.all():
         names = sorted(k for k in info if k != "finite")
-        raise Diverged(", ".join(f"losses/{names[i]}" for i in np.flatnonzero(~finite)), step, last_checkpoint)
+        row = 0
+        if seeds is not None:
+            row = int(np.flatnonzero(~finite.all(axis=1))[0])
+            finite = finite[row]
+        what = ", ".join(f"losses/{names[i]}" for i in np.flatnonzero(~finite))
+        raise Diverged(what if seeds is None else f"{what} of seed {seeds[row]}", step, last_checkpoint)
 
 
 def finite_flags(metrics: dict):

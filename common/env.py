@@ -181,27 +181,96 @@ def env_step(env: gym.Env, obs: np.ndarray, action: np.ndarray):
     return transition, next_obs, episode
 
 
-def evaluate(env: gym.Env, act, actor_params, key, episodes: int, seed=None, videos=()):
-    """Run `episodes` whole episodes with `act(actor_params, obs, key) -> (action, key)`; return the
-    undiscounted returns and the advanced key. `seed` reseeds the first reset, which makes an
-    evaluation depend on nothing but its arguments (and so survive a resume unchanged). Episode i
-    is recorded to the MP4 file `videos[i]` where one is given (the env must be made with render=True)."""
-    returns = []
-    for i in range(episodes):
-        obs, _ = env.reset(seed=seed if i == 0 else None)
-        frames = [env.render()] if i < len(videos) else None
-        done, total = False, 0.0
-        while not done:
-            action, key = act(actor_params, obs, key)
-            obs, reward, terminated, truncated, _ = env.step(np.asarray(action))
-            total += float(reward)
-            done = terminated or truncated
-            if frames is not None:
-                frames.append(env.render())
-        returns.append(total)
-        if frames is not None:
-            write_video(videos[i], frames, env.metadata.get("render_fps", 30))
-    return returns, key
+class SeedEnvs:
+    """One env per seed (`seeds[i]` for agent i), stepped one after another in this process like
+    Gymnasium's SyncVectorEnv. Each is built, seeded, reset and stepped exactly as a single run's env
+    (`make_env`, `env_step`), so seed i's transitions are those of the single run with that seed;
+    Gymnasium's own vector envs reset a finished episode on the following step (or hide the final
+    observation in `info`) and would give up that match and the per-env replay state checkpoints need."""
+
+    def __init__(self, env_id: str, seeds, render: bool = False):
+        self.seeds = list(seeds)
+        self.envs = []
+        try:
+            for seed in self.seeds:
+                self.envs.append(make_env(env_id, seed, render))
+        except BaseException:
+            self.close()
+            raise
+        self.observation_space, self.action_space = self.envs[0].observation_space, self.envs[0].action_space
+
+    def __len__(self) -> int:
+        return len(self.envs)
+
+    def reset(self, seeds=None) -> np.ndarray:
+        seeds = self.seeds if seeds is None else seeds
+        return np.stack([env.reset(seed=seed)[0] for env, seed in zip(self.envs, seeds)])
+
+    def random_actions(self) -> np.ndarray:
+        """Uniform actions from each env's own seeded action space (the single runs' warm-up actions)."""
+        return np.stack([env.action_space.sample() for env in self.envs])
+
+    def step(self, obs: np.ndarray, actions: np.ndarray):
+        """`env_step` on every env: returns the transitions stacked over seeds, the next observations
+        and a list holding each seed's finished-episode statistics (or None)."""
+        transitions, next_obs, episodes = [], [], []
+        for env, o, a in zip(self.envs, obs, actions):
+            transition, o, episode = env_step(env, o, a)
+            transitions.append(transition)
+            next_obs.append(o)
+            episodes.append(episode)
+        return tuple(np.stack(field) for field in zip(*transitions)), np.stack(next_obs), episodes
+
+    def get_state(self) -> list:
+        return [env.get_state() for env in self.envs]
+
+    def set_state(self, states: list) -> np.ndarray:
+        if len(states) != len(self.envs):
+            raise ValueError(f"{len(states)} saved env states for {len(self.envs)} envs")
+        return np.stack([env.set_state(state) for env, state in zip(self.envs, states)])
+
+    def render_check(self) -> None:
+        self.envs[0].reset(seed=self.seeds[0])
+        check_rendering(self.envs[0])
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+
+def evaluate(envs: SeedEnvs, act, actor_params, keys, episodes: int, seeds=None, videos=None):
+    """Run `episodes` whole episodes on every env of `envs` at once, env i acting with seed i's slice of
+    `act(actor_params, obs, keys) -> (actions, keys)` (all three stacked over seeds). Returns each
+    seed's list of undiscounted returns. `seeds[i]` reseeds env i's first reset, which makes an
+    evaluation depend on nothing but its arguments (and so survive a resume unchanged). Seed i's
+    episode j is recorded to the MP4 file `videos[i][j]` where one is given (envs made with render=True).
+    An env that has finished its episodes waits; seed i's key advances once per step of its own."""
+    n = len(envs)
+    videos = videos or [[] for _ in range(n)]
+    obs = envs.reset(seeds if seeds is not None else [None] * n)
+    returns, totals = [[] for _ in range(n)], np.zeros(n)
+    frames = [[env.render()] if videos[i] else None for i, env in enumerate(envs.envs)]
+    active = np.full(n, episodes > 0)
+    while active.any():
+        actions, keys = act(actor_params, obs, keys)
+        actions = np.asarray(actions)
+        for i in np.flatnonzero(active):
+            env = envs.envs[i]
+            obs[i], reward, terminated, truncated, _ = env.step(actions[i])
+            totals[i] += float(reward)
+            if frames[i] is not None:
+                frames[i].append(env.render())
+            if terminated or truncated:
+                j = len(returns[i])
+                returns[i].append(totals[i])
+                totals[i] = 0.0
+                if frames[i] is not None:
+                    write_video(videos[i][j], frames[i], env.metadata.get("render_fps", 30))
+                active[i] = len(returns[i]) < episodes
+                if active[i]:
+                    obs[i], _ = env.reset()
+                    frames[i] = [env.render()] if j + 1 < len(videos[i]) else None
+    return returns
 
 
 RENDER_HELP = ("MuJoCo renders headless through EGL (MUJOCO_GL=egl): install libEGL "

@@ -8,9 +8,18 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Small networks and batches, so that short runs cross --learning-starts in seconds.
+TINY = {
+    "flowrl_jax": ["--hidden-dim", "32", "--batch-size", "32"],
+    "sac_flow_g": ["--hidden-dim", "16", "--critic-width", "32", "--log-std-hidden", "16", "--batch-size", "32",
+                   "--renorm-warmup", "80", "--policy-delay", "2"],
+    "sac_flow_t": ["--d-model", "16", "--n-heads", "2", "--n-layers", "1", "--critic-width", "32", "--log-std-hidden", "16",
+                   "--batch-size", "32", "--renorm-warmup", "80"],
+}
 
-def run_script(script: str, args: list[str], cwd: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONWARNINGS="ignore", MUJOCO_GL="egl")
+
+def run_script(script: str, args: list[str], cwd: str, timeout: int = 600, env=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONWARNINGS="ignore", MUJOCO_GL="egl", **(env or {}))
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

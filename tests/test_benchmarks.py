@@ -44,14 +44,16 @@ def _write_run(folder, evals, trains):
 
 def test_find_runs_keeps_the_newest_folder_per_seed(tmp_path):
     for name in ["Hopper-v4__flowrl_jax__1__100", "Hopper-v4__flowrl_jax__1__200", "Hopper-v4__flowrl_jax__2__150",
-                 "dm_control_dog-run-v0__sac_flow_t__1__5"]:
+                 "dm_control_dog-run-v0__sac_flow_t__1__5",
+                 # a --num-seeds 2 --seed 2 run: seed 2's newer folder replaces the one above, seed 3 is new
+                 "Hopper-v4__flowrl_jax__2__250__s2", "Hopper-v4__flowrl_jax__2__250__s3"]:
         _write_run(str(tmp_path / name), [(10, 1.0)], [])
     (tmp_path / "logs").mkdir()
-    (tmp_path / "Hopper-v4__flowrl_jax__3__300").mkdir()  # no events: a run that never logged
+    (tmp_path / "Hopper-v4__flowrl_jax__3__300").mkdir()  # no events: a run that never logged (or a --num-seeds run's own folder)
     groups = plot.find_runs(str(tmp_path))
     assert sorted(groups) == [("Hopper-v4", "flowrl_jax"), ("dm_control/dog-run-v0", "sac_flow_t")]
     assert [os.path.basename(d) for d in groups[("Hopper-v4", "flowrl_jax")]] == [
-        "Hopper-v4__flowrl_jax__1__200", "Hopper-v4__flowrl_jax__2__150"]
+        "Hopper-v4__flowrl_jax__1__200", "Hopper-v4__flowrl_jax__2__250__s2", "Hopper-v4__flowrl_jax__2__250__s3"]
 
 
 def test_plot_writes_a_png_per_task_and_the_final_table(tmp_path):

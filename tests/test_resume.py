@@ -14,15 +14,8 @@ import numpy as np
 import pytest
 
 from common.checkpoint import list_checkpoints, read_container, write_atomic
-from helpers import ROOT, assert_same_tree, read_scalars
+from helpers import ROOT, TINY, assert_same_tree, read_scalars
 
-TINY = {
-    "flowrl_jax": ["--hidden-dim", "32", "--batch-size", "32"],
-    "sac_flow_g": ["--hidden-dim", "16", "--critic-width", "32", "--log-std-hidden", "16", "--batch-size", "32",
-                   "--renorm-warmup", "80", "--policy-delay", "2"],
-    "sac_flow_t": ["--d-model", "16", "--n-heads", "2", "--n-layers", "1", "--critic-width", "32", "--log-std-hidden", "16",
-                   "--batch-size", "32", "--renorm-warmup", "80"],
-}
 # The buffer (300) wraps before the end (500); learning starts at 200, between the first two checkpoints.
 COMMON = ["--env-id", "Hopper-v4", "--learning-starts", "200", "--buffer-size", "300", "--log-every", "50",
           "--eval-every", "250", "--eval-episodes", "1", "--no-progress"]
@@ -53,13 +46,13 @@ def test_resumed_run_is_bit_identical(tmp_path, monkeypatch, name):
     run(module, base + ["--total-timesteps", "150", "--checkpoint-every", "150", "--exp-name", "pieces"])
     pieces = run_dir_named("pieces")
     first = final(pieces)
-    assert first["step"] == 150 and len(first["env"]["actions"]) > 0  # checkpointed mid-episode
+    assert first["step"] == 150 and len(first["env"][0]["actions"]) > 0  # checkpointed mid-episode
     run(module, ["--resume", pieces, "--total-timesteps", "350", "--no-progress"])
     assert final(pieces)["step"] == 350
     run(module, ["--resume", pieces, "--total-timesteps", "500", "--no-progress"])
 
     straight, resumed = final(run_dir_named("straight")), final(pieces)
-    assert resumed["step"] == 500 and resumed["buffer"]["size"] == 300
+    assert resumed["step"] == 500 and resumed["buffer"][0]["size"] == 300
     for key in COMPARED:
         assert_same_tree(straight[key], resumed[key], key)
     assert len(glob.glob("runs/*")) == 2  # the resumed run stayed in its own folder
@@ -109,7 +102,9 @@ def test_signal_mid_run_checkpoints_and_resumes_exactly(tmp_path, script, sig):
 
 
 def inject_nan_reward(monkeypatch, module, at_step):
-    real, calls = module.env_step, [0]
+    import common.env
+
+    real, calls = common.env.env_step, [0]
 
     def env_step(env, obs, action):
         transition, obs, episode = real(env, obs, action)
@@ -118,7 +113,7 @@ def inject_nan_reward(monkeypatch, module, at_step):
             transition = (transition[0], transition[1], np.float32("nan"), *transition[3:])
         return transition, obs, episode
 
-    monkeypatch.setattr(module, "env_step", env_step)
+    monkeypatch.setattr(common.env, "env_step", env_step)
 
 
 @pytest.mark.parametrize("name", ["flowrl_jax", "sac_flow_t"])
