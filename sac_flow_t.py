@@ -177,8 +177,8 @@ from common.checkpoint import (Diverged, StopOnSignal, adopt_saved_args, check_m
                                first_nonfinite, load_model, prepare_run_dir, read_resume,
                                restore_training, restore_tree, resume_run_dir, save_checkpoint, save_model,
                                training_checkpoint, video_dir)
-from common.env import SeedEnvs, evaluate, seed_everything  # noqa: E402
-from common.seeds import per_seed, seed_map, seed_sharding  # noqa: E402
+from common.env import SeedEnvs, env_dims, evaluate, seed_everything  # noqa: E402
+from common.seeds import check_buffer_memory, per_seed, seed_map, seed_sharding  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -701,16 +701,17 @@ def train(args: Args, resume=None) -> dict:
         run_dir = os.path.join("runs", run_name)
     # One TensorBoard run per seed, so plots and TensorBoard see S ordinary runs.
     log_dirs = [run_dir] if S == 1 else [f"{run_dir}__s{seed}" for seed in seeds]
-    prepare_run_dir(run_dir, resumed=resume is not None)
 
     seed_everything(args.seed)
     sharding, n_devices = seed_sharding(S)
     on_seeds = lambda tree: jax.device_put(tree, sharding)
+    obs_dim, act_dim = env_dims(args.env_id)
+    check_buffer_memory(S, args.buffer_size, obs_dim, act_dim, n_devices)
+    prepare_run_dir(run_dir, resumed=resume is not None)
     envs = SeedEnvs(args.env_id, seeds)
     eval_envs = SeedEnvs(args.env_id, [seed + 10_000 for seed in seeds], render=args.capture_video)
     if args.capture_video:
         eval_envs.render_check()
-    obs_dim, act_dim = envs.observation_space.shape[0], envs.action_space.shape[0]
 
     # Each seed's keys are split from its own root exactly as a single run's: agent i is the run --seed X+i.
     keys = jnp.stack([jax.random.split(jax.random.PRNGKey(seed), 4) for seed in seeds])

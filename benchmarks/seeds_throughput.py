@@ -7,18 +7,18 @@
 Each (script, size, S) runs the script's own train() in a fresh process: --learning-starts random
 steps, then --steps learning steps. The rate is each seed's env steps per second after learning
 starts, from the step and wall-time stamps of its `charts/SPS_window` events (the first window, which
-holds the compilation, is left out); the total is S times it. `vs S=1` is the total against the S = 1
+holds the compilation, is left out); the total is S times it. With --repeats R each configuration
+runs R times, interleaved with the others, and the median run counts (shared machines are noisy). `vs S=1` is the total against the S = 1
 run, i.e. against running the seeds as separate processes one after another; `wall vs S=1` is the
 wall time of an S-seed run against a one-seed run of the same length. Sizes: `authors` is the
 script's defaults, `small` sets every hidden width to 64 and the batch to 64 (where dispatch, not
-arithmetic, bounds a step). Writes benchmarks/results/seeds_throughput_<platform>.md and .json.
+arithmetic, bounds a step). Writes benchmarks/results/seeds_throughput_<platform>[_<size>].md and .json.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import importlib
 import json
 import os
@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--env-id", default="Hopper-v4")
     parser.add_argument("--learning-starts", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=0, help="learning steps per run (default: 400 small, 60 authors)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per (script, size, S), interleaved; the median counts")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -93,20 +94,26 @@ def main() -> None:
     for name in opts.scripts:
         for size in opts.sizes:
             steps = opts.steps or (400 if size == "small" else 60)
-            for num_seeds in opts.num_seeds:
-                cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{name}:{size}:{num_seeds}", "--env-id", opts.env_id,
-                       "--learning-starts", str(opts.learning_starts), "--steps", str(steps)]
-                done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
-                if done.returncode != 0:
-                    sys.exit(f"{name} {size} S={num_seeds} failed:\n{done.stderr[-3000:]}")
-                row = json.loads(done.stdout.strip().splitlines()[-1])
+            runs = {n: [] for n in opts.num_seeds}
+            for _ in range(opts.repeats):  # interleaved, so a slow spell of a shared machine hits every S alike
+                for num_seeds in opts.num_seeds:
+                    cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{name}:{size}:{num_seeds}", "--env-id",
+                           opts.env_id, "--learning-starts", str(opts.learning_starts), "--steps", str(steps)]
+                    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+                    if done.returncode != 0:
+                        sys.exit(f"{name} {size} S={num_seeds} failed:\n{done.stderr[-3000:]}")
+                    runs[num_seeds].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            for num_seeds, found in runs.items():
+                row = sorted(found, key=lambda r: r["per_seed_sps"])[len(found) // 2]
+                row["repeats"] = [round(r["total_sps"], 1) for r in found]
                 one = next((r for r in rows if (r["script"], r["size"], r["num_seeds"]) == (name, size, 1)), None)
                 if one:
                     row["vs_one"] = row["total_sps"] / one["total_sps"]
                     row["wall_vs_one"] = one["per_seed_sps"] / row["per_seed_sps"]
                 rows.append(row)
                 print(f"{name} {size} S={num_seeds}: {row['total_sps']:.1f} env steps/s in all "
-                      f"({row['per_seed_sps']:.1f} per seed)" + (f", {row['vs_one']:.2f}x S=1" if one else ""), flush=True)
+                      f"({row['per_seed_sps']:.1f} per seed; runs {row['repeats']})" + (f", {row['vs_one']:.2f}x S=1" if one else ""),
+                      flush=True)
 
     fmt = lambda v, spec: "-" if v is None else format(v, spec)
     kind = rows[0]["platform"]
@@ -115,14 +122,14 @@ def main() -> None:
              f"`python benchmarks/seeds_throughput.py {' '.join(sys.argv[1:])}`; env {opts.env_id}, learning starts at "
              f"{opts.learning_starts}. `vs S=1`: total throughput against one seed (= separate runs one after another); "
              "`wall vs S=1`: wall time of the S-seed run against a one-seed run of the same length.", "",
-             "| script | size | S | per seed (steps/s) | total (steps/s) | vs S=1 | wall vs S=1 | peak RSS (MiB) | device peak (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| script | size | S | per seed (steps/s) | total (steps/s) | vs S=1 | wall vs S=1 | total of each run | peak RSS (MiB) | device peak (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['script']} | {r['size']}{' (' + r['flags'] + ')' if r['flags'] else ''} | {r['num_seeds']} | "
                      f"{r['per_seed_sps']:.1f} | {r['total_sps']:.1f} | {fmt(r.get('vs_one'), '.2f')} | "
-                     f"{fmt(r.get('wall_vs_one'), '.2f')} | {r['peak_rss_mb']:.0f} | {fmt(r['device_peak_mb'], '.0f')} |")
+                     f"{fmt(r.get('wall_vs_one'), '.2f')} | {', '.join(map(str, r['repeats']))} | {r['peak_rss_mb']:.0f} | {fmt(r['device_peak_mb'], '.0f')} |")
     os.makedirs(opts.out, exist_ok=True)
-    stem = os.path.join(opts.out, f"seeds_throughput_{kind}")
+    stem = os.path.join(opts.out, f"seeds_throughput_{kind}" + ("" if len(opts.sizes) == 2 else f"_{opts.sizes[0]}"))
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(stem + ".json", "w") as f:

@@ -181,6 +181,15 @@ def env_step(env: gym.Env, obs: np.ndarray, action: np.ndarray):
     return transition, next_obs, episode
 
 
+def env_dims(env_id: str) -> tuple[int, int]:
+    """(observation size, action size) of `env_id` as make_env builds it."""
+    env = make_env(env_id, 0)
+    try:
+        return env.observation_space.shape[0], env.action_space.shape[0]
+    finally:
+        env.close()
+
+
 class SeedEnvs:
     """One env per seed (`seeds[i]` for agent i), stepped one after another in this process like
     Gymnasium's SyncVectorEnv. Each is built, seeded, reset and stepped exactly as a single run's env

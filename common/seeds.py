@@ -8,9 +8,13 @@ that holds it, with no communication written by hand.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from common.env import ConfigError
 
 SEED_AXIS = "seeds"
 
@@ -24,10 +28,24 @@ def seed_sharding(num_seeds: int) -> tuple[NamedSharding, int]:
     return NamedSharding(mesh, PartitionSpec(SEED_AXIS)), used
 
 
+def check_buffer_memory(num_seeds: int, buffer_size: int, obs_dim: int, act_dim: int, devices_used: int) -> None:
+    """Refuse, in one line, replay buffers that cannot fit: on an accelerator each device holds its share
+    of the seeds' buffers; on CPU all of them share the host's memory."""
+    per_seed = buffer_size * (2 * obs_dim + act_dim + 2) * 4  # float32 obs, next_obs, action, reward, terminated
+    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    if limit:
+        need, have, where = per_seed * -(-num_seeds // devices_used), limit, "each device's"
+    else:
+        need, have, where = per_seed * num_seeds, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "the host's"
+    if need > have:
+        raise ConfigError(f"--num-seeds {num_seeds} x --buffer-size {buffer_size}: the replay buffers need {need / 2**30:.1f} GiB, "
+                          f"more than {where} {have / 2**30:.1f} GiB; use fewer seeds, more devices or a smaller --buffer-size")
+
+
 def seed_map(fn, num_seeds: int, in_axes=0):
     """`jax.vmap(fn)` over the seed axis. With one seed the axis is dropped and restored around a plain
-    call instead: the program is then exactly the single-seed one (vmap of size 1 costs XLA:CPU a third
-    of the speed of these updates, in layout copies around batched matmuls)."""
+    call instead: the program is then exactly the single-seed one (a vmap of size 1 costs XLA:CPU up to
+    a third of these updates' speed, in layout copies around batched matmuls)."""
     if num_seeds > 1:
         return jax.vmap(fn, in_axes=in_axes)
     axes = in_axes if isinstance(in_axes, (tuple, list)) else None

@@ -150,3 +150,15 @@ def test_divergence_names_the_seed():
     tree = {"w": np.ones((2, 3), np.float32), "b": np.array([[0.0], [np.inf]], np.float32)}
     assert first_nonfinite(tree, "agent", seeds=[5, 6]) == "agent['b'] of seed 6"
     assert first_nonfinite({"w": np.ones((2, 3), np.float32)}, "agent", seeds=[5, 6]) is None
+
+
+def test_impossible_seed_counts_are_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    module = importlib.import_module("sac_flow_g")
+    monkeypatch.chdir(tmp_path)
+    run(module, ["--num-seeds", "0"], code=2)
+    # 10^5 Humanoid buffers of 10^6 transitions: about 300 TB, refused before any folder or env is made
+    run(module, ["--env-id", "Humanoid-v4", "--num-seeds", "100000", "--no-progress"], code=2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--num-seeds must be positive, got 0" in err[0], err
+    assert "--num-seeds 100000 x --buffer-size 1000000: the replay buffers need" in err[1] and "GiB" in err[1], err
+    assert not os.path.exists("runs") or not os.listdir("runs")
