@@ -126,6 +126,41 @@ class Args:
     progress: bool = True
     """show a progress bar on the terminal"""
 
+    # Offline-to-online (the paper's second pipeline), switched on by --offline-dataset
+    offline_dataset: Optional[str] = None
+    """demonstrations (an OGBench .npz or a Robomimic low-dim .hdf5): pretrain on them, then fine-tune online from a
+    replay buffer seeded with them; --total-timesteps then counts the online env steps"""
+    dataset_obs_keys: Optional[tuple[str, ...]] = None
+    """Robomimic obs keys concatenated into the observation (default: its low-dim keys, else every key of the file)"""
+    offline_steps: int = 1_000_000
+    """gradient steps on the dataset alone: flow matching (Eq. 3) for the actor, TD learning for the critics"""
+    horizon: int = 5
+    """action chunk length H: the actor emits H actions, executed open-loop; the critics score chunks by H-step returns"""
+    bc_weight: float = 100.0
+    """beta of Eq. 12, the weight of ||a_pi - a_data||^2 in the online actor loss (authors: 100 to 300 for OGBench
+    cube tasks, 1000 to 10000 for Robomimic)"""
+    noise_std: float = 0.10
+    """std of the fixed Gaussian noise of every rollout step in the actor's loss (there is no log-std head)"""
+    act_noise_std: float = 0.02
+    """that noise when acting, evaluating and sampling the critic target's next chunk (the authors' inference noise)"""
+    o2o_batch_size: int = 256
+    """batch size (chunks) of the offline and online gradient steps"""
+    o2o_lr: float = 3e-4
+    """Adam learning rate (default betas) of the actor, the critics and alpha in the offline-to-online pipeline"""
+    o2o_learning_starts: int = 5000
+    """online env steps before the online gradient steps begin (the buffer already holds the dataset)"""
+    o2o_critic_width: int = 512
+    """width of the offline-to-online critics (GELU + LayerNorm MLPs with a Polyak target, rate --tau)"""
+    o2o_critic_depth: int = 4
+    """hidden layers of the offline-to-online critics"""
+    flow_target: Literal["action", "atanh"] = "action"
+    """x_1 of Eq. 3, matched by the pre-tanh rollout output: the data action itself (the authors' code), or its atanh,
+    so that the squashed action tanh(x_K) is what imitates the data"""
+    alpha_loss: Literal["authors", "sac"] = "authors"
+    """temperature loss online: authors, alpha (mean log pi - target), their code's sign, which lowers alpha while
+    log pi is above the target (always, with fixed noise); sac, alpha (-mean log pi - target) (Eq. 24), which then
+    raises alpha without bound"""
+
 
 def check_args(args: Args) -> None:
     """Refuse impossible settings with one line, before anything is built or compiled."""
@@ -155,8 +190,24 @@ def check_args(args: Args) -> None:
         raise ConfigError(f"--log-std-min {args.log_std_min} must be below --log-std-max {args.log_std_max}")
     if args.keep_checkpoints < 1:
         raise ConfigError(f"--keep-checkpoints must be at least 1, got {args.keep_checkpoints}")
+    if args.offline_dataset is not None:
+        check_offline_args(args)
     check_run_flags(args)
     check_env_id(args.env_id)
+
+
+def check_offline_args(args: Args) -> None:
+    for flag, value in [("--num-seeds", args.num_seeds != 1), ("--resume", args.resume), ("--eval-only", args.eval_only),
+                        ("--save-model", args.save_model)]:
+        if value:
+            raise ConfigError(f"{flag} is not supported with --offline-dataset (the offline-to-online pipeline runs one "
+                              "seed, without checkpoints or saved models)")
+    for name in ["horizon", "noise_std", "act_noise_std", "o2o_batch_size", "o2o_lr", "o2o_critic_width", "o2o_critic_depth"]:
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["offline_steps", "bc_weight", "o2o_learning_starts"]:
+        if getattr(args, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
 
 
 # JAX and the env libraries load after the arguments are checked, so bad input fails fast.
@@ -167,12 +218,14 @@ import optax  # noqa: E402
 from flax import struct  # noqa: E402
 from flax.training.train_state import TrainState  # noqa: E402
 
-from common.buffer import ReplayBuffer, buffer_add, buffer_init, buffer_sample  # noqa: E402
+from common.buffer import (ReplayBuffer, SequenceBuffer, buffer_add, buffer_init, buffer_sample, sample_chunks,  # noqa: E402
+                           sequence_add, sequence_buffer)
 from common.checkpoint import (Diverged, StopOnSignal, adopt_saved_args, check_metrics, finite_flags,  # noqa: E402
                                first_nonfinite, load_model, prepare_run_dir, read_resume,
                                restore_training, restore_tree, resume_run_dir, save_checkpoint, save_model,
                                training_checkpoint, video_dir)
-from common.env import SeedEnvs, env_dims, evaluate, seed_everything  # noqa: E402
+from common.datasets import load_dataset  # noqa: E402
+from common.env import SeedEnvs, env_dims, evaluate, evaluate_chunks, make_env, seed_everything  # noqa: E402
 from common.seeds import check_buffer_memory, per_seed, seed_map, seed_sharding  # noqa: E402
 
 
@@ -359,7 +412,8 @@ class LogStdHead(nn.Module):
 
 
 class FlowActor(nn.Module):
-    """One rollout step's networks: (s, x_k, t_k) -> (v_k, log sigma_k)."""
+    """One rollout step's networks: (s, x_k, t_k) -> (v_k, log sigma_k); log sigma_k is None without the
+    log-std head (offline-to-online, where the noise is fixed)."""
 
     act_dim: int
     velocity: str
@@ -368,18 +422,21 @@ class FlowActor(nn.Module):
     log_std_hidden: int
     log_std_min: float
     log_std_max: float
+    learn_std: bool = True
 
     @nn.compact
     def __call__(self, s, x, t):
         net = GatedVelocity if self.velocity == "gated" else MLPVelocity
         v = net(self.act_dim, self.hidden_dim, self.time_emb_dim, name="velocity")(s, x, t)
+        if not self.learn_std:
+            return v, None
         log_std = LogStdHead(self.act_dim, self.log_std_hidden, self.log_std_min, self.log_std_max, name="log_std")(s, t)
         return v, log_std
 
 
-def make_actor(args: Args, act_dim: int) -> FlowActor:
+def make_actor(args: Args, act_dim: int, learn_std: bool = True) -> FlowActor:
     return FlowActor(act_dim, args.velocity, args.hidden_dim, args.time_emb_dim, args.log_std_hidden,
-                     args.log_std_min, args.log_std_max)
+                     args.log_std_min, args.log_std_max, learn_std)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -670,6 +727,165 @@ def prepare_resume(args: Args):
 
 
 # ---------------------------------------------------------------------------------------------
+# Offline-to-online (--offline-dataset): flow-matching pretraining (Eq. 3), then SAC with a BC term (Eq. 12)
+# ---------------------------------------------------------------------------------------------
+
+
+class ChunkQNetwork(nn.Module):
+    """Q(s, a_{t:t+H}), the critic of the offline-to-online pipeline (the authors' QC-FQL layout):
+    `depth` layers of Dense, GELU and LayerNorm, then Dense 1, Xavier-uniform weights."""
+
+    width: int
+    depth: int
+
+    @nn.compact
+    def __call__(self, s, chunk):
+        x = jnp.concatenate([s, chunk], axis=-1)
+        for _ in range(self.depth):
+            x = nn.LayerNorm()(nn.gelu(nn.Dense(self.width, kernel_init=nn.initializers.xavier_uniform())(x)))
+        return nn.Dense(1, kernel_init=nn.initializers.xavier_uniform())(x).squeeze(-1)
+
+
+def make_chunk_critics(args: Args) -> nn.Module:
+    """`n_critics` chunk critics as one vmapped module; returns Q of shape (n_critics, batch)."""
+    ensemble = nn.vmap(ChunkQNetwork, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None, out_axes=0,
+                       axis_size=args.n_critics)
+    return ensemble(args.o2o_critic_width, args.o2o_critic_depth)
+
+
+@struct.dataclass
+class ChunkAgent:
+    actor: TrainState  # the velocity field over whole chunks (H * act_dim), without a log-std head
+    critic: TrainState
+    critic_target: dict  # Polyak average of the critics' parameters (rate --tau)
+    log_alpha: TrainState
+    key: jax.Array
+
+
+def create_chunk_agent(args: Args, obs_dim: int, chunk_dim: int, key) -> ChunkAgent:
+    actor_net, critic_net = make_actor(args, chunk_dim, learn_std=False), make_chunk_critics(args)
+    k_actor, k_critic, key = jax.random.split(key, 3)
+    s, a, t = jnp.zeros((1, obs_dim)), jnp.zeros((1, chunk_dim)), jnp.zeros((1, 1))
+    adam = optax.adam(args.o2o_lr)
+    actor = TrainState.create(apply_fn=actor_net.apply, params=actor_net.init(k_actor, s, a, t), tx=adam)
+    critic = TrainState.create(apply_fn=critic_net.apply, params=critic_net.init(k_critic, s, a), tx=adam)
+    log_alpha = TrainState.create(apply_fn=None, params={"log_alpha": jnp.log(jnp.float32(args.alpha))}, tx=adam)
+    return ChunkAgent(actor=actor, critic=critic, critic_target=jax.tree_util.tree_map(jnp.array, critic.params),
+                      log_alpha=log_alpha, key=key)
+
+
+def flow_matching_loss(v_pred, x0, x1, valid):
+    """Eq. 3 on action chunks: ||v(s, x_t, t) - (x_1 - x_0)||^2, x_t = (1 - t) x_0 + t x_1 being where
+    `v_pred` was evaluated. Shapes (B, H, act_dim); the actions of a chunk past its trajectory's end
+    (valid 0) are left out of the mean, which runs over every action dimension (the authors')."""
+    return jnp.mean(valid[..., None] * (v_pred - (x1 - x0)) ** 2)
+
+
+def bc_loss(a_pi, a_data, valid):
+    """The proximity term of Eq. 12, ||a_pi - a_data||^2, averaged like flow_matching_loss."""
+    return jnp.mean(valid[..., None] * (a_pi - a_data) ** 2)
+
+
+def make_chunk_policy(args: Args, actor_apply, chunk_dim: int):
+    """pi(chunk | s) with fixed noise: x_{k+1} = x_k + dt b_k + noise_std eps_k (so sigma_k sqrt(dt) =
+    noise_std on every step); returns (chunk in [-1, 1], path log-density)."""
+    log_sqrt_dt = 0.5 * jnp.log(1.0 / args.flow_steps)
+
+    def policy(actor_params, s, key, noise_std: float):
+        def step_fn(s_, x_, t_):
+            return actor_apply(actor_params, s_, x_, t_)[0], jnp.full(x_.shape, jnp.log(noise_std) - log_sqrt_dt)
+
+        return flow_rollout(step_fn, s, key, chunk_dim, args.flow_steps, args.drift)[:2]
+
+    return policy
+
+
+def make_chunk_update(args: Args, act_dim: int):
+    """The pipeline's two jitted gradient steps, each on chunks drawn from the device buffer:
+    `pretrain` (offline: critics, and Eq. 3 for the actor) and `finetune` (online: critics, Eq. 12
+    for the actor, and alpha). The agent is donated."""
+    H, B = args.horizon, args.o2o_batch_size
+    chunk_dim = H * act_dim
+    actor_apply = make_actor(args, chunk_dim, learn_std=False).apply
+    critic_apply = make_chunk_critics(args).apply
+    policy = make_chunk_policy(args, actor_apply, chunk_dim)
+
+    def critic_step(agent: ChunkAgent, b, key):
+        # y = sum_k gamma^k r_{t+k} + gamma^H (1 - terminated) (mean_i Q'_i(s_{t+H}, a') - alpha log pi(a'|s_{t+H})),
+        # a' sampled with the acting noise, as the authors do; chunks cut short by a time limit are masked out.
+        alpha = jnp.exp(agent.log_alpha.params["log_alpha"])
+        next_a, next_log_pi = policy(agent.actor.params, b.next_obs, key, args.act_noise_std)
+        q_next = jnp.mean(critic_apply(agent.critic_target, b.next_obs, next_a), axis=0)
+        y = jax.lax.stop_gradient(b.returns + b.discount * (q_next - alpha * next_log_pi))
+
+        def critic_loss(params):
+            q = critic_apply(params, b.obs, b.actions.reshape(B, chunk_dim))
+            return jnp.mean(b.critic_valid * (q - y) ** 2), q
+
+        (loss, q), grads = jax.value_and_grad(critic_loss, has_aux=True)(agent.critic.params)
+        critic = agent.critic.apply_gradients(grads=grads)
+        target = optax.incremental_update(critic.params, agent.critic_target, args.tau)
+        return agent.replace(critic=critic, critic_target=target), {"qf_loss": loss, "qf_values": jnp.mean(q)}
+
+    def pretrain(agent: ChunkAgent, buf: SequenceBuffer):
+        key, k_batch, k_next, k_x0, k_t = jax.random.split(agent.key, 5)
+        b = sample_chunks(buf, k_batch, B, H, args.gamma)
+        agent, info = critic_step(agent, b, k_next)
+        x1 = b.actions if args.flow_target == "action" else jnp.arctanh(jnp.clip(b.actions, -0.999, 0.999))
+        x0 = jax.random.normal(k_x0, x1.shape)
+        t = jax.random.uniform(k_t, (B, 1))
+        x_t = (1.0 - t) * x0.reshape(B, chunk_dim) + t * x1.reshape(B, chunk_dim)
+
+        def actor_loss(params):
+            v = actor_apply(params, b.obs, x_t, t)[0]
+            return flow_matching_loss(v.reshape(x1.shape), x0, x1, b.valid)
+
+        loss, grads = jax.value_and_grad(actor_loss)(agent.actor.params)
+        agent = agent.replace(actor=agent.actor.apply_gradients(grads=grads), key=key)
+        info = {**info, "flow_loss": loss}
+        return agent, {**info, "finite": finite_flags(info)}
+
+    def finetune(agent: ChunkAgent, buf: SequenceBuffer):
+        key, k_batch, k_next, k_pi = jax.random.split(agent.key, 4)
+        b = sample_chunks(buf, k_batch, B, H, args.gamma)
+        agent, info = critic_step(agent, b, k_next)
+        alpha = jnp.exp(agent.log_alpha.params["log_alpha"])
+
+        # Eq. 12: beta ||a_pi - a_data||^2 + mean(alpha log pi(a|s) - mean_i Q_i(s, a)), a = pi(s)
+        # reparameterised through the noisy rollout.
+        def actor_loss(params):
+            a, log_pi = policy(params, b.obs, k_pi, args.noise_std)
+            q_pi = jnp.mean(critic_apply(agent.critic.params, b.obs, a), axis=0)
+            bc = bc_loss(a.reshape(b.actions.shape), b.actions, b.valid)
+            return args.bc_weight * bc + jnp.mean(alpha * log_pi - q_pi), (bc, jnp.mean(log_pi), jnp.mean(q_pi))
+
+        (loss, (bc, mean_log_pi, q_pi)), grads = jax.value_and_grad(actor_loss, has_aux=True)(agent.actor.params)
+        actor = agent.actor.apply_gradients(grads=grads)
+        sign = 1.0 if args.alpha_loss == "authors" else -1.0
+        alpha_loss_fn = lambda p: jnp.exp(p["log_alpha"]) * (sign * mean_log_pi - args.target_entropy)
+        alpha_loss, alpha_grad = jax.value_and_grad(alpha_loss_fn)(agent.log_alpha.params)
+        log_alpha = agent.log_alpha.apply_gradients(grads=alpha_grad) if args.autotune else agent.log_alpha
+        agent = agent.replace(actor=actor, log_alpha=log_alpha, key=key)
+        info = {**info, "actor_loss": loss, "bc_loss": bc, "q_pi": q_pi, "entropy": -mean_log_pi, "alpha_loss": alpha_loss,
+                "alpha": jnp.exp(log_alpha.params["log_alpha"])}
+        return agent, {**info, "finite": finite_flags(info)}
+
+    donate = () if args.debug_nans else 0
+    return jax.jit(pretrain, donate_argnums=donate), jax.jit(finetune, donate_argnums=donate)
+
+
+def make_chunk_act(args: Args, actor_apply, act_dim: int):
+    """Jitted (params, obs, key) -> (the next H actions, key), sampled with --act-noise-std."""
+    policy = make_chunk_policy(args, actor_apply, args.horizon * act_dim)
+
+    def act(actor_params, obs, key):
+        key, sub = jax.random.split(key)
+        return policy(actor_params, obs[None], sub, args.act_noise_std)[0][0].reshape(args.horizon, act_dim), key
+
+    return jax.jit(act)
+
+
+# ---------------------------------------------------------------------------------------------
 # Training loop
 # ---------------------------------------------------------------------------------------------
 
@@ -848,6 +1064,122 @@ def train(args: Args, resume=None) -> dict:
             "total_sps": learn_sps * S, "stopped": stopped, "checkpoint": last_checkpoint, "agent": agent}
 
 
+def train_offline_to_online(args: Args) -> dict:
+    """The offline-to-online pipeline: --offline-steps gradient steps on the dataset, then --total-timesteps
+    online env steps, acting in chunks of --horizon actions, with a buffer that starts as the dataset.
+    TensorBoard steps: offline gradient step i is step i, online env step j is step offline_steps + j."""
+    from tensorboardX import SummaryWriter
+    from tqdm import tqdm
+
+    data = load_dataset(args.offline_dataset, args.env_id, args.dataset_obs_keys)
+    n_data, (obs_dim, act_dim) = len(data["obs"]), (data["obs"].shape[1], data["actions"].shape[1])
+    if n_data < args.horizon:
+        raise ConfigError(f"--offline-dataset holds {n_data} transitions, fewer than one chunk of --horizon {args.horizon}")
+    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    k_agent, k_act, k_eval = jax.random.split(seed_everything(args.seed), 3)
+    agent = create_chunk_agent(args, obs_dim, args.horizon * act_dim, k_agent)
+    buf = sequence_buffer(data, n_data + args.total_timesteps)  # never overwrites: the dataset stays in it
+    pretrain, finetune = make_chunk_update(args, act_dim)
+    add = jax.jit(sequence_add, donate_argnums=() if args.debug_nans else 0)
+    act = make_chunk_act(args, agent.actor.apply_fn, act_dim)
+    env, eval_env = make_env(args.env_id, args.seed), make_env(args.env_id, args.seed + 10_000)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    print(f"{n_data} transitions from {args.offline_dataset}; chunks of {args.horizon} x {act_dim} actions; logs in {run_dir}")
+
+    def evaluate_now(phase: str, step: int) -> str:
+        returns, successes = evaluate_chunks(eval_env, act, agent.actor.params, jax.random.fold_in(k_eval, step),
+                                             args.eval_episodes, args.seed + 10_000 + step, args.horizon)
+        writer.add_scalar(f"eval/{phase}_episodic_return", float(np.mean(returns)), step)
+        if successes is None:
+            return f"{np.mean(returns):.1f}"
+        writer.add_scalar(f"eval/{phase}_success_rate", float(np.mean(successes)), step)
+        return f"{np.mean(returns):.1f}, success {np.mean(successes):.2f}"
+
+    def log(info, phase: str, step: int, stop_step: int) -> None:
+        check_metrics(info, stop_step, None)
+        for name, value in jax.device_get(info).items():
+            if name != "finite":
+                writer.add_scalar(f"losses/{phase}_{name}", float(value), step)
+
+    info, stopped, last_eval, episodes = None, None, {}, {"returns": [], "successes": []}
+    start = time.time()
+    try:
+        with StopOnSignal() as stop, jax.debug_nans(args.debug_nans):
+            bar = tqdm(total=args.offline_steps, disable=not args.progress, dynamic_ncols=True, unit="update", desc="offline")
+            for step in range(1, args.offline_steps + 1):
+                agent, info = pretrain(agent, buf)
+                if step % args.log_every == 0:
+                    log(info, "offline", step, step)
+                    writer.add_scalar("charts/offline_updates_per_s", step / (time.time() - start), step)
+                    bar.set_postfix(flow_loss=f"{float(info['flow_loss']):.4f}", refresh=False)
+                if args.eval_episodes and (step % args.eval_every == 0 or step == args.offline_steps):
+                    last_eval["offline"] = evaluate_now("offline", step)
+                    bar.set_postfix(eval=last_eval["offline"], refresh=False)
+                bar.update(1)
+                if stop.signal:
+                    stopped = stop.signal
+                    break
+            bar.close()
+            offline_time, online_start = time.time() - start, time.time()
+
+            obs, _ = env.reset(seed=args.seed)
+            queue, n_updates, learn_start = [], 0, None
+            bar = tqdm(total=args.total_timesteps, disable=not args.progress or bool(stopped), dynamic_ncols=True, unit="step",
+                       desc="online")
+            for step in range(1, 0 if stopped else args.total_timesteps + 1):
+                log_step = args.offline_steps + step
+                if not queue:  # the whole chunk is executed open-loop before the actor is asked again
+                    chunk, k_act = act(agent.actor.params, obs, k_act)
+                    queue = list(np.asarray(chunk))
+                action = queue.pop(0)
+                next_obs, reward, terminated, truncated, env_info = env.step(action)
+                buf = add(buf, obs, action, np.float32(reward), next_obs, np.float32(terminated), np.float32(terminated or truncated))
+                obs = next_obs
+                if terminated or truncated:
+                    episode = env_info["episode"]
+                    episodes["returns"].append(float(episode["r"]))
+                    writer.add_scalar("charts/episodic_return", float(episode["r"]), log_step)
+                    writer.add_scalar("charts/episodic_length", int(episode["l"]), log_step)
+                    if "success" in env_info:
+                        episodes["successes"].append(float(env_info["success"]))
+                        writer.add_scalar("charts/success", float(env_info["success"]), log_step)
+                    obs, _ = env.reset()
+                    queue = []
+                    bar.set_postfix(return_=f"{episodes['returns'][-1]:.1f}", refresh=False)
+                if step > args.o2o_learning_starts:
+                    learn_start = learn_start or time.time()
+                    agent, info = finetune(agent, buf)
+                    n_updates += 1
+                    check_metrics(info, log_step, None)
+                if step % args.log_every == 0:
+                    writer.add_scalar("charts/SPS", int(step / (time.time() - online_start)), log_step)
+                    if n_updates:
+                        log(info, "online", log_step, log_step)
+                if args.eval_episodes and (step % args.eval_every == 0 or step == args.total_timesteps):
+                    last_eval["online"] = evaluate_now("online", log_step)
+                    bar.set_postfix(eval=last_eval["online"], refresh=False)
+                bar.update(1)
+                if stop.signal:
+                    stopped = stop.signal
+                    break
+            bar.close()
+    except FloatingPointError as e:  # raised by --debug-nans
+        raise Diverged(f"an array (jax_debug_nans: {str(e).splitlines()[0]})", step, None) from None
+    finally:
+        writer.close()
+        env.close()
+        eval_env.close()
+    jax.block_until_ready(agent)
+    learn_sps = n_updates / (time.time() - learn_start) if learn_start else float("nan")
+    print(f"{'stopped by ' + stopped if stopped else 'done'}: {args.offline_steps} offline steps in {offline_time:.0f} s, "
+          f"{len(episodes['returns'])} online episodes ({learn_sps:.1f} env steps/s while learning); last evaluation "
+          f"offline {last_eval.get('offline', '-')}, online {last_eval.get('online', '-')}; logs in {run_dir}")
+    return {"run_dir": run_dir, "agent": agent, "buffer_size": int(buf.size), "episodes": episodes, "last_eval": last_eval,
+            "compiles": (pretrain._cache_size(), finetune._cache_size()), "stopped": stopped, "n_data": n_data}
+
+
 def main(argv=None) -> int:
     import tyro
 
@@ -858,7 +1190,10 @@ def main(argv=None) -> int:
         if args.eval_only:
             eval_only(args)
         else:
-            train(args, prepare_resume(args) if args.resume else None)
+            if args.offline_dataset is not None:
+                train_offline_to_online(args)
+            else:
+                train(args, prepare_resume(args) if args.resume else None)
     except ConfigError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2

@@ -36,7 +36,8 @@ def check_run_flags(args) -> None:
 _EXAMPLES = (
     "a Gymnasium MuJoCo id (Ant-v4, HalfCheetah-v4, Hopper-v4, Walker2d-v4, Humanoid-v4, "
     "HumanoidStandup-v4, Swimmer-v4, or their -v5) or a dm_control task as "
-    "dm_control/<domain>-<task>-v0 (e.g. dm_control/dog-run-v0)"
+    "dm_control/<domain>-<task>-v0 (e.g. dm_control/dog-run-v0); with --offline-dataset also an OGBench "
+    "single-task env (e.g. cube-double-singletask-task2-v0)"
 )
 
 
@@ -49,15 +50,25 @@ def _register_dm_control() -> None:
         pass
 
 
+def _register_ogbench() -> None:
+    try:
+        import ogbench  # noqa: F401  (importing it registers its envs)
+    except ImportError:
+        pass
+
+
 def check_env_id(env_id: str) -> None:
     """Raise ConfigError unless `env_id` names a registered environment (without building it)."""
     if env_id.startswith("dm_control/"):
         _register_dm_control()
+    elif "singletask" in env_id or env_id.startswith(("cube-", "scene-", "puzzle-")):
+        _register_ogbench()
     try:
         gym.spec(env_id)
     except gym.error.Error:
         if not env_id.startswith("dm_control/"):
             _register_dm_control()
+            _register_ogbench()
         close = difflib.get_close_matches(env_id, list(gym.registry.keys()), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(f"unknown --env-id {env_id!r}{hint}; use {_EXAMPLES}") from None
@@ -302,3 +313,25 @@ def write_video(path: str, frames, fps: float) -> None:
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     imageio.mimwrite(path, frames, fps=fps, macro_block_size=1)
+
+
+def evaluate_chunks(env: gym.Env, act_chunk, actor_params, key, episodes: int, seed: int, horizon: int):
+    """Run `episodes` episodes on `env`, asking `act_chunk(actor_params, obs, key) -> (chunk (H, act), key)`
+    for a chunk of `horizon` actions at the start and then every `horizon` steps, executed open-loop.
+    Returns the undiscounted returns and, for envs that report `info["success"]` (OGBench), whether
+    each episode ended in success (else None)."""
+    returns, successes = [], []
+    obs, _ = env.reset(seed=seed)
+    for _ in range(episodes):
+        total, done, queue, info = 0.0, False, [], {}
+        while not done:
+            if not queue:
+                chunk, key = act_chunk(actor_params, obs, key)
+                queue = list(np.asarray(chunk)[:horizon])
+            obs, reward, terminated, truncated, info = env.step(queue.pop(0))
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+        successes.append(float(info["success"]) if "success" in info else None)
+        obs, _ = env.reset()
+    return returns, (successes if all(s is not None for s in successes) else None)
