@@ -782,9 +782,10 @@ def create_chunk_agent(args: Args, obs_dim: int, chunk_dim: int, key) -> ChunkAg
     k_actor, k_critic, key = jax.random.split(key, 3)
     s, a, t = jnp.zeros((1, obs_dim)), jnp.zeros((1, chunk_dim)), jnp.zeros((1, 1))
     adam = optax.adam(args.o2o_lr)
-    actor = TrainState.create(apply_fn=actor_net.apply, params=actor_net.init(k_actor, s, a, t), tx=adam)
-    critic = TrainState.create(apply_fn=critic_net.apply, params=critic_net.init(k_critic, s, a), tx=adam)
-    log_alpha = TrainState.create(apply_fn=None, params={"log_alpha": jnp.log(jnp.float32(args.alpha))}, tx=adam)
+    as_array = lambda ts: ts.replace(step=jnp.zeros((), jnp.int32))  # one compiled signature from the start
+    actor = as_array(TrainState.create(apply_fn=actor_net.apply, params=actor_net.init(k_actor, s, a, t), tx=adam))
+    critic = as_array(TrainState.create(apply_fn=critic_net.apply, params=critic_net.init(k_critic, s, a), tx=adam))
+    log_alpha = as_array(TrainState.create(apply_fn=None, params={"log_alpha": jnp.log(jnp.float32(args.alpha))}, tx=adam))
     return ChunkAgent(actor=actor, critic=critic, critic_target=jax.tree_util.tree_map(jnp.array, critic.params),
                       log_alpha=log_alpha, key=key)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -29,10 +30,16 @@ ROBOMIMIC_LOW_DIM_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_q
 FIELDS = ("obs", "actions", "rewards", "next_obs", "terminated", "ends")
 
 
+def _make_raw(env_id: str) -> gym.Env:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*out of date.*")  # v4 tasks are the papers' benchmarks
+        return gym.make(env_id)
+
+
 def raw_env_spaces(env_id: str):
     """The env's observation size and its action bounds before make_env rescales them to [-1, 1]."""
     check_env_id(env_id)
-    env = gym.make(env_id)
+    env = _make_raw(env_id)
     try:
         obs_dim = int(gym.spaces.flatdim(env.observation_space))
         return obs_dim, env.action_space.low.astype(np.float64), env.action_space.high.astype(np.float64)
@@ -102,7 +109,7 @@ def _ogbench_relabel(path: str, env_id: str, raw: dict, rows) -> tuple[np.ndarra
     from ogbench.relabel_utils import relabel_dataset
 
     labelled = {k: raw[k][rows] for k in ("qpos", "qvel", "button_states") if k in raw}
-    env = gym.make(env_id)
+    env = _make_raw(env_id)
     try:
         relabel_dataset(env_id, env, labelled)
     except (KeyError, IndexError, ValueError) as e:
