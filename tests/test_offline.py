@@ -223,6 +223,7 @@ def test_pretraining_fits_the_demonstrations(module, data_dir):
         agent, info = pretrain(agent, buf)
     after, imitation_after = fm_loss(agent.actor.params), imitation_error(agent.actor.params)
     assert np.all(np.asarray(info["finite"]))
+    print(f"flow-matching loss {before:.3f} -> {after:.3f}, imitation error {imitation_before:.3f} -> {imitation_after:.3f}")
     assert after < 0.6 * before, (before, after)
     assert imitation_after < 0.6 * imitation_before, (imitation_before, imitation_after)
 
