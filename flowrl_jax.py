@@ -8,19 +8,31 @@ Q^beta* and V are learned IQL-style by expectile regression (Eq. 18-19).
 
 Defaults reproduce the authors' code (bytedance/FlowRL); where it differs from the paper a flag
 gives the paper's version (see README.md).
+
+    paper    what                                                     here
+    Eq. 8-9  a0 ~ clamp(N(0, I)), integrated through v(s, a_t, t),    VelocityField, sample_a0,
+             then tanh                                                integrate_flow, make_policy
+    Eq. 3    Q^pi: Bellman regression, a' ~ pi(s'), twin targets      TwinQ, critic_loss (update_critics)
+    Eq. 19   Q^beta*: regression on r + gamma V(s')                   q_beta_loss (update_critics)
+    Eq. 18   V: expectile regression on the target Q^beta*            expectile_loss, value_loss
+    Eq. 14   the weight w = f(Q^beta* - Q^pi)                         flow_matching_weight
+    Eq. 13   weighted conditional flow matching                       weighted_cfm_loss
+    Eq. 22   actor loss -Q^pi(s, pi(s)) + weighted CFM                actor_loss (update_actor)
+    Alg. 1   critics every step; actor and targets every 2nd          make_update; the loop in train
+
+Everything around the loop (run folder, logs, evaluation, checkpoints, resume, seeds) is common/run.py.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import numpy as np
 
-from common.env import ConfigError, check_env_id, check_run_flags
+from common.env import ConfigError, check_run_args
 
 
 @dataclass
@@ -100,25 +112,15 @@ class Args:
 
 def check_args(args: Args) -> None:
     """Refuse impossible settings with one line, before anything is built or compiled."""
-    positive = ["num_seeds", "total_timesteps", "buffer_size", "batch_size", "learning_rate", "hidden_dim", "flow_steps",
-                "policy_frequency", "eval_every", "log_every", "lamda", "tau", "recent_size"]
-    for name in positive:
+    for name in ["learning_rate", "hidden_dim", "flow_steps", "policy_frequency", "lamda", "tau", "recent_size"]:
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["learning_starts", "eval_episodes", "checkpoint_every"]:
-        if getattr(args, name) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.keep_checkpoints < 1:
-        raise ConfigError(f"--keep-checkpoints must be at least 1, got {args.keep_checkpoints}")
-    if args.batch_size > args.buffer_size:
-        raise ConfigError(f"--batch-size {args.batch_size} is above --buffer-size {args.buffer_size}; it must be at most the buffer size")
     for name, lo, hi in [("gamma", 0.0, 1.0), ("tau", 0.0, 1.0), ("recent_frac", 0.0, 1.0)]:
         if not lo <= getattr(args, name) <= hi:
             raise ConfigError(f"--{name.replace('_', '-')} must be in [{lo}, {hi}], got {getattr(args, name)}")
     if not 0.0 < args.expectile < 1.0:
         raise ConfigError(f"--expectile must be in (0, 1), got {args.expectile}")
-    check_run_flags(args)
-    check_env_id(args.env_id)
+    check_run_args(args)  # the flags all scripts share, and the env id
 
 
 # JAX and the env libraries load after the arguments are checked, so bad input fails fast.
@@ -129,13 +131,10 @@ import optax  # noqa: E402
 from flax import struct  # noqa: E402
 from flax.training.train_state import TrainState  # noqa: E402
 
-from common.buffer import Batch, ReplayBuffer, buffer_add, buffer_init, buffer_sample  # noqa: E402
-from common.checkpoint import (Diverged, StopOnSignal, adopt_saved_args, check_metrics, finite_flags,  # noqa: E402
-                               first_nonfinite, load_model, prepare_run_dir, read_resume,
-                               restore_training, restore_tree, resume_run_dir, save_checkpoint, save_model,
-                               training_checkpoint, video_dir)
-from common.env import SeedEnvs, env_dims, evaluate, seed_everything  # noqa: E402
-from common.seeds import check_buffer_memory, per_seed, seed_map, seed_sharding  # noqa: E402
+from common.buffer import Batch, ReplayBuffer, buffer_sample  # noqa: E402
+from common.checkpoint import finite_flags, restore_tree  # noqa: E402
+from common.run import ExitStatus, TrainingRun, eval_only, prepare_resume  # noqa: E402
+from common.seeds import seed_map  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Networks (the authors' layouts: Xavier-uniform weights, zero biases)
@@ -398,7 +397,7 @@ def make_update(args: Args, act_dim: int, sharding=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation, saving, loading
+# Acting and the training loop (the run around it, logs, evaluation, checkpoints: common/run.py)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -416,239 +415,56 @@ def make_act(args: Args, actor_apply, act_dim: int, num_seeds: int):
 
 
 ALGO = "flowrl"
-MODEL_CONFIG = ("env_id", "hidden_dim", "flow_steps", "integrator")
+MODEL_CONFIG = ("env_id", "hidden_dim", "flow_steps", "integrator")  # what --eval-only needs to rebuild the actor
 
 
-def eval_only(args: Args) -> None:
-    """Rebuild the actor that the checkpoint was trained with and evaluate it on its env."""
-    config, raw = load_model(args.checkpoint, ALGO, MODEL_CONFIG, args.seed)
-    adopt_saved_args(args, config, Args(), MODEL_CONFIG, "--checkpoint")
-    check_env_id(args.env_id)
-    env = SeedEnvs(args.env_id, [args.seed], render=args.capture_video)
-    try:
-        if args.capture_video:
-            env.render_check()
-        obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-        actor = VelocityField(act_dim, args.hidden_dim)
-        template = actor.init(jax.random.PRNGKey(0), jnp.zeros((1, obs_dim)), jnp.zeros((1, act_dim)), jnp.zeros((1, 1)))
-        params = restore_tree(template, raw.get("actor"), args.checkpoint)
-        act, _ = make_act(args, actor.apply, act_dim, 1)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        videos = [os.path.join(video_dir(args.checkpoint), f"eval_only_{stamp}_episode{i}.mp4")
-                  for i in range(args.eval_episodes)] if args.capture_video else []
-        params, key = jax.tree_util.tree_map(lambda x: x[None], (params, jax.random.PRNGKey(args.seed)))
-        returns = evaluate(env, act, params, key, args.eval_episodes, [args.seed], [videos])[0]
-    finally:
-        env.close()
-    print(f"{args.env_id}: eval return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes")
-    if videos:
-        print(f"videos written to {os.path.dirname(videos[0])}")
-
-
-def prepare_resume(args: Args):
-    """Read --resume and adopt the run's arguments, then check them as a new run's."""
-    path, ckpt = read_resume(args, ALGO, Args())
-    check_args(args)
-    return path, ckpt
-
-
-# ---------------------------------------------------------------------------------------------
-# Training loop
-# ---------------------------------------------------------------------------------------------
+def load_actor(args: Args, obs_dim: int, act_dim: int, raw: dict):
+    """For --eval-only: a saved actor's parameters (refused if they do not fit) and its evaluation action."""
+    actor = VelocityField(act_dim, args.hidden_dim)
+    template = actor.init(jax.random.PRNGKey(0), jnp.zeros((1, obs_dim)), jnp.zeros((1, act_dim)), jnp.zeros((1, 1)))
+    return restore_tree(template, raw.get("actor"), args.checkpoint), make_act(args, actor.apply, act_dim, 1)[0]
 
 
 def train(args: Args, resume=None) -> dict:
-    """Train --num-seeds agents (or continue `resume` = (path, checkpoint) from prepare_resume). Returns a summary."""
-    from tensorboardX import SummaryWriter
-    from tqdm import tqdm
-
-    S, seeds = args.num_seeds, [args.seed + i for i in range(args.num_seeds)]
-    if resume:
-        run_name, run_dir = resume[1]["meta"]["run_name"], resume_run_dir(*resume)
-    else:
-        run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        run_dir = os.path.join("runs", run_name)
-    # One TensorBoard run per seed, so plots and TensorBoard see S ordinary runs.
-    log_dirs = [run_dir] if S == 1 else [f"{run_dir}__s{seed}" for seed in seeds]
-
-    seed_everything(args.seed)
-    sharding, n_devices = seed_sharding(S)
-    on_seeds = lambda tree: jax.device_put(tree, sharding)
-    obs_dim, act_dim = env_dims(args.env_id)
-    check_buffer_memory(S, args.buffer_size, obs_dim, act_dim, n_devices)
-    prepare_run_dir(run_dir, resumed=resume is not None)
-    envs = SeedEnvs(args.env_id, seeds)
-    eval_envs = SeedEnvs(args.env_id, [seed + 10_000 for seed in seeds], render=args.capture_video)
-    if args.capture_video:
-        eval_envs.render_check()
-
-    # Each seed's keys are split from its own root exactly as a single run's: agent i is the run --seed X+i.
-    keys = jnp.stack([jax.random.split(jax.random.PRNGKey(seed), 4) for seed in seeds])
-    k_agent, k_act, k_eval = on_seeds(keys[:, 1]), on_seeds(keys[:, 2]), keys[:, 3]
-    agent = jax.jit(seed_map(lambda k: create_agent(args, obs_dim, act_dim, k), S), out_shardings=sharding)(k_agent)
-    buf = jax.jit(lambda: jax.tree_util.tree_map(lambda x: jnp.zeros((S,) + x.shape, x.dtype),
-                                                 buffer_init(args.buffer_size, obs_dim, act_dim)), out_shardings=sharding)()
-    obs = envs.reset()
-    start_step, last_checkpoint = 0, None
-    meta = {"run_name": run_name, "elapsed": 0.0, "updates_from": args.learning_starts, "last_return": [float("nan")] * S}
-    if resume:
-        last_checkpoint, ckpt = resume
-        state, buf, obs = restore_training(last_checkpoint, ckpt, {"agent": agent, "k_act": k_act}, buf, envs)
-        agent, k_act, buf = on_seeds(state["agent"]), on_seeds(state["k_act"]), on_seeds(buf)
-        start_step, meta = ckpt["step"], ckpt["meta"]
-        if ckpt["buffer"] is None:  # refill before updating again, as at the start of a run
-            meta["updates_from"] = max(meta["updates_from"], start_step + max(args.learning_starts, args.batch_size))
-        print(f"resumed {run_dir} at step {start_step} from {last_checkpoint}"
-              + ("" if ckpt["buffer"] is not None else f" (no buffer saved: refilling until step {meta['updates_from']})"))
-    if S > 1:
-        print(f"{S} seeds ({seeds[0]} to {seeds[-1]}) on {n_devices} device(s); each logs to {run_dir}__s<seed>")
-    if args.learning_starts >= args.total_timesteps:
-        print(f"note: --learning-starts {args.learning_starts} >= --total-timesteps {args.total_timesteps}: this run only "
-              "collects random transitions (resume it with a larger --total-timesteps to learn)")
-    if not args.checkpoint_buffer:
-        print("checkpoints leave out the replay buffer (--no-checkpoint-buffer): a run resumed from them refills it first")
-
-    # purge_step hides anything a crashed run logged after the checkpoint, so no step appears twice; the
-    # suffix keeps a resumed session from reusing (and truncating) an event file of the same second.
-    writers = [SummaryWriter(log_dir, purge_step=start_step + 1 if resume else None,
-                             filename_suffix=f".from{start_step}" if resume else "") for log_dir in log_dirs]
-    if not resume:
-        table = "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
-        for seed, writer in zip(seeds, writers):
-            writer.add_text("hyperparameters", table + (f"\n|agent seed|{seed}|" if S > 1 else ""))
-    update = make_update(args, act_dim, sharding)
-    add = jax.jit(seed_map(buffer_add, S), donate_argnums=() if args.debug_nans else 0, out_shardings=sharding)
-    act_eval, act_explore = make_act(args, agent.actor.apply_fn, act_dim, S)
-
-    def write_checkpoint(step: int) -> str:
-        bad = first_nonfinite(agent, "agent", seeds)
-        if bad:
-            raise Diverged(f"parameter {bad}", step, last_checkpoint)
-        for writer in writers:  # the logs up to this step are on disk before the checkpoint that follows them
-            writer.flush()
-        meta.update(elapsed=time.time() - start, last_return=last_return)
-        payload = training_checkpoint(ALGO, args, step, {"agent": agent, "k_act": k_act}, buf if args.checkpoint_buffer else None, envs, obs, meta)
-        return save_checkpoint(run_dir, step, payload, args.keep_checkpoints)
-
-    info, last_return, returns_seen, stopped = None, list(meta["last_return"]), [[] for _ in seeds], None
-    start = window_start = time.time() - meta["elapsed"]
-    window_step, postfix, learn_start_time, n_updates = start_step, {}, None, 0
-    bar = tqdm(total=args.total_timesteps, initial=start_step, disable=not args.progress, dynamic_ncols=True, unit="step",
-               desc=f"{S} seeds" if S > 1 else None)
-    try:
-        # jax.debug_nans as a context: the global config flag is not honoured reliably once flax has run.
-        with StopOnSignal() as stop, jax.debug_nans(args.debug_nans):
-            for global_step in range(start_step, args.total_timesteps):
-                step = global_step + 1
-                if global_step < args.learning_starts:
-                    actions = envs.random_actions()
-                else:
-                    actions, k_act = act_explore(agent.actor.params, obs, k_act)
-                    actions = np.asarray(actions)
-                transitions, obs, episodes = envs.step(obs, actions)
-                buf = add(buf, *transitions)
-                if global_step >= meta["updates_from"]:
-                    if learn_start_time is None:
-                        learn_start_time = time.time()
-                    agent, info = update(agent, buf)
-                    n_updates += 1
-                    check_metrics(info, step, last_checkpoint, seeds)
-                for i, episode in enumerate(episodes):
-                    if episode is not None:
-                        last_return[i] = float(episode["r"])
-                        returns_seen[i].append(last_return[i])
-                        writers[i].add_scalar("charts/episodic_return", last_return[i], step)
-                        writers[i].add_scalar("charts/episodic_length", int(episode["l"]), step)
-
-                if step % args.log_every == 0:
-                    now = time.time()  # SPS: each seed's env steps per second; the bar shows all seeds' total
-                    sps, window_sps = int(step / (now - start)), int((step - window_step) / (now - window_start))
-                    window_start, window_step = now, step
-                    values = {} if info is None else {k: v for k, v in jax.device_get(info).items() if k != "finite"}
-                    for i, writer in enumerate(writers):
-                        writer.add_scalar("charts/SPS", sps, step)
-                        writer.add_scalar("charts/SPS_window", window_sps, step)
-                        for name, value in values.items():
-                            writer.add_scalar(f"losses/{name}", float(value[i]), step)
-                    postfix["sps"] = window_sps * S
-                if step % args.eval_every == 0 and args.eval_episodes > 0:
-                    eval_start = time.time()
-                    # Seeded by the step alone, so a resumed run evaluates exactly as an uninterrupted one.
-                    videos = [[os.path.join(run_dir, "videos", f"eval_step{step:010d}{'' if S == 1 else f'_s{seed}'}.mp4")]
-                              if args.capture_video else [] for seed in seeds]
-                    eval_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(k_eval, step)
-                    eval_returns = evaluate(eval_envs, act_eval, agent.actor.params, on_seeds(eval_keys), args.eval_episodes,
-                                            [seed + 10_000 + step for seed in seeds], videos)
-                    for writer, returns in zip(writers, eval_returns):
-                        writer.add_scalar("eval/episodic_return", float(np.mean(returns)), step)
-                    postfix["eval"] = f"{np.mean(eval_returns):.1f}"
-                    eval_time = time.time() - eval_start
-                    window_start += eval_time  # SPS_window measures training only
-                    if learn_start_time is not None:
-                        learn_start_time += eval_time
-                if any(e is not None for e in episodes) or step % args.log_every == 0:
-                    postfix["return"] = f"{np.nanmean(last_return):.1f}" if not np.all(np.isnan(last_return)) else "nan"
-                    bar.set_postfix(postfix, refresh=False)
-                bar.update(1)
-
-                periodic = args.checkpoint_every and (step % args.checkpoint_every == 0 or step == args.total_timesteps)
-                if periodic or stop.signal:
-                    last_checkpoint = write_checkpoint(step)
-                if stop.signal:
-                    stopped = stop.signal
-                    break
-    except FloatingPointError as e:  # raised by --debug-nans
-        raise Diverged(f"an array (jax_debug_nans: {str(e).splitlines()[0]})", step, last_checkpoint) from None
-    finally:
-        bar.close()
-        for writer in writers:
-            writer.close()
-        envs.close()
-        eval_envs.close()
-    jax.block_until_ready(agent)
-    end = time.time()
-
-    compiles = update._cache_size()
-    if args.save_model and not stopped:
-        for i, log_dir in enumerate(log_dirs):
-            path = os.path.join(log_dir, f"{args.exp_name}.msgpack")
-            params = per_seed({"actor": agent.actor.params, "critic": agent.critic.params,
-                               "q_beta": agent.q_beta.params, "value": agent.value.params}, i)
-            save_model(path, ALGO, {k: getattr(args, k) for k in MODEL_CONFIG}, params)
-            print(f"model of seed {seeds[i]} saved to {path}")
-    learn_sps = n_updates / (end - learn_start_time) if learn_start_time is not None else float("nan")
-    if stopped:
-        print(f"{stopped}: stopped after step {step}; checkpoint {last_checkpoint}; to continue: "
-              f"python {os.path.basename(__file__)} --resume {run_dir}")
-    else:
-        print(f"{args.total_timesteps} steps x {S} seed(s) in {end - start:.0f} s ({learn_sps * S:.1f} env steps/s in all "
-              f"while learning, evaluation excluded); update compiled {compiles} time(s); logs in {log_dirs[0]}"
-              + (f" and {S - 1} more" if S > 1 else ""))
-    return {"run_dir": run_dir, "log_dirs": log_dirs, "compiles": compiles, "returns": returns_seen, "learn_sps": learn_sps,
-            "total_sps": learn_sps * S, "stopped": stopped, "checkpoint": last_checkpoint, "agent": agent}
+    """Train --num-seeds agents (or continue `resume` = (path, checkpoint) from prepare_resume). Returns a summary.
+    Every array (agent, keys, buffer, observations) carries a leading seed axis."""
+    run = TrainingRun(args, ALGO, __file__, resume)
+    agent, k_act, buf, obs = run.init_state(create_agent)
+    update = make_update(args, run.act_dim, run.sharding)
+    act_eval, act_explore = make_act(args, agent.actor.apply_fn, run.act_dim, args.num_seeds)
+    info = None
+    with run:  # a signal finishes the step, checkpoints and stops; closes the logs and envs
+        for step in run.steps():
+            if step <= args.learning_starts:
+                actions = run.envs.random_actions()
+            else:
+                actions, k_act = act_explore(agent.actor.params, obs, k_act)
+                actions = np.asarray(actions)
+            transitions, obs, episodes = run.envs.step(obs, actions)
+            buf = run.buffer_add(buf, *transitions)
+            if run.learns(step):
+                agent, info = update(agent, buf)
+                run.check_update(step, info)  # a NaN or infinite loss stops the run
+            run.log(step, episodes, info)
+            run.maybe_evaluate(step, act_eval, agent.actor.params)
+            if run.maybe_checkpoint(step, agent, k_act, buf, obs):
+                break
+    saved = {"actor": agent.actor.params, "critic": agent.critic.params, "q_beta": agent.q_beta.params,
+             "value": agent.value.params}
+    return run.finish(agent, update, MODEL_CONFIG, saved)
 
 
 def main(argv=None) -> int:
     import tyro
 
     args = tyro.cli(Args, args=argv)
-    name = os.path.basename(__file__)
-    try:
+    with ExitStatus(__file__) as status:
         check_args(args)
         if args.eval_only:
-            eval_only(args)
+            eval_only(args, ALGO, MODEL_CONFIG, load_actor)
         else:
-            train(args, prepare_resume(args) if args.resume else None)
-    except ConfigError as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
-        return 2
-    except (Diverged, OSError) as e:  # OSError: a checkpoint or log that could not be written
-        print(f"{name}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted twice: stopped without writing a checkpoint", file=sys.stderr)
-        return 130
-    return 0
+            train(args, prepare_resume(args, ALGO, MODEL_CONFIG, check_args) if args.resume else None)
+    return status.code
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ is possible, by rolling out a scripted policy in the env:
 
     python benchmarks/make_dataset.py --env-id cube-double-singletask-task2-v0 --steps 20000 --out data/cube.npz
     python benchmarks/make_dataset.py --env-id Hopper-v4 --steps 5000 --out data/hopper.hdf5
+    python benchmarks/make_dataset.py --env-id Hopper-v4 --steps 5000 --out data/hopper.npz data/hopper.hdf5  # both, same rollouts
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import os
 import re
 import sys
+import warnings
 
 import numpy as np
 
@@ -67,7 +69,9 @@ def cube_play(env_id: str, steps: int, episode_length: int, noise: float, seed: 
 def linear_policy_rollouts(env_id: str, steps: int, episode_length: int, noise: float, seed: int) -> list[dict]:
     import gymnasium as gym
 
-    env = gym.make(env_id, max_episode_steps=episode_length)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*out of date.*")  # v4 tasks are the papers' benchmarks
+        env = gym.make(env_id, max_episode_steps=episode_length)
     rng = np.random.default_rng(seed)
     obs_dim, (low, high) = env.observation_space.shape[0], (env.action_space.low, env.action_space.high)
     w = rng.normal(0.0, 1.0 / np.sqrt(obs_dim), (len(low), obs_dim))
@@ -150,7 +154,8 @@ def save_hdf5(path: str, trajectories: list[dict], env_id: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--env-id", required=True, help="an OGBench cube env or a Gymnasium MuJoCo env")
-    p.add_argument("--out", required=True, help="output path ending in .npz (OGBench layout) or .hdf5 (Robomimic layout)")
+    p.add_argument("--out", required=True, nargs="+", help="output path(s) ending in .npz (OGBench layout) or .hdf5 (Robomimic "
+                   "layout); several paths get the same rollouts")
     p.add_argument("--steps", type=int, default=10_000, help="transitions to record")
     p.add_argument("--episode-length", type=int, default=None, help="steps per trajectory (default 1000 for cube play, "
                    "the env's time limit otherwise)")
@@ -158,9 +163,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     try:
-        ext = os.path.splitext(a.out)[1].lower()
-        if ext not in (".npz", ".hdf5", ".h5"):
-            raise ConfigError(f"--out {a.out!r} must end in .npz or .hdf5")
+        for out in a.out:
+            if os.path.splitext(out)[1].lower() not in (".npz", ".hdf5", ".h5"):
+                raise ConfigError(f"--out {out!r} must end in .npz or .hdf5")
         if a.steps <= 0 or a.noise < 0:
             raise ConfigError(f"--steps must be positive and --noise >= 0, got {a.steps} and {a.noise}")
         check_env_id(a.env_id)
@@ -176,13 +181,14 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"make_dataset.py: error: {e}", file=sys.stderr)
         return 2
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    if ext == ".npz":
-        save_npz(a.out, trajectories)
-    else:
-        save_hdf5(a.out, trajectories, a.env_id)
     n = sum(len(t["actions"]) for t in trajectories)
-    print(f"{a.out}: {n} transitions in {len(trajectories)} trajectories of {a.env_id}")
+    for out in a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        if os.path.splitext(out)[1].lower() == ".npz":
+            save_npz(out, trajectories)
+        else:
+            save_hdf5(out, trajectories, a.env_id)
+        print(f"{out}: {n} transitions in {len(trajectories)} trajectories of {a.env_id}")
     return 0
 
 

@@ -137,14 +137,26 @@ def load_model(path: str, algo: str, config_keys=(), seed: int | None = None) ->
         if not 0 <= i < count:
             raise ConfigError(f"--seed {seed}: {path!r} holds the agents of seeds {first} to {first + count - 1}; "
                               "pick one of them with --seed")
-        actor = jax.tree_util.tree_map(lambda x: np.asarray(x)[i], state["state"]["agent"]["actor"]["params"])
-        config, raw = state["args"], {"actor": actor}
+        actor = state["state"]["agent"]["actor"]
+        raw = {name: jax.tree_util.tree_map(lambda x: np.asarray(x)[i], actor[field])
+               for name, field in [("actor", "params"), ("actor_batch_stats", "batch_stats")] if actor.get(field)}
+        config = state["args"]
     else:
         config, raw = state["config"], state["params"]
-    missing = [k for k in config_keys if k not in config]
-    if missing or not isinstance(raw, dict):
-        raise ConfigError(f"--checkpoint {path!r} is incomplete (missing {', '.join(missing) or 'parameters'})")
+    refuse_older(config, config_keys, path, "--checkpoint", algo)
+    if not isinstance(raw, dict) or "actor" not in raw:
+        raise ConfigError(f"--checkpoint {path!r} is incomplete (it holds no actor parameters)")
     return config, raw
+
+
+def refuse_older(config: dict, config_keys, path: str, flag: str, algo: str) -> None:
+    """A file whose saved arguments lack one of `config_keys` was written before that setting existed, by a
+    version of `algo` whose networks this one cannot rebuild: say so, rather than fail on a shape."""
+    missing = [k for k in config_keys if k not in config]
+    if missing:
+        raise ConfigError(f"{flag} {path!r} was written by an older version of {algo} (it has no "
+                          f"{', '.join('--' + k.replace('_', '-') for k in missing)}), whose networks this version cannot "
+                          "rebuild: retrain, or use the version that wrote it")
 
 
 def restore_tree(template, raw, path: str, flag: str = "--checkpoint"):

@@ -12,11 +12,13 @@ Two layouts are read, each by its own loader:
 
 Both give float32 transitions: obs, actions (rescaled to the env's [-1, 1] as make_env rescales the
 env), rewards, next_obs, terminated (do not bootstrap) and ends (the next row does not continue this
-trajectory). Anything wrong with the file is a ConfigError of one line.
+trajectory). Anything wrong with the file is a ConfigError of one line. `robomimic_task` tells whether a
+run is a Robomimic task (by its env id or the .hdf5's recorded env), whose rewards the authors shift.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -28,6 +30,11 @@ from common.env import ConfigError, check_env_id
 
 ROBOMIMIC_LOW_DIM_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")
 FIELDS = ("obs", "actions", "rewards", "next_obs", "terminated", "ends")
+# Robomimic's tasks: as the authors name them in env ids ("lift-mh-low_dim") and as robosuite names its envs
+# in a dataset's data.attrs["env_args"] ({"env_name": "Lift", "type": 1, ...}; type 1 is robosuite).
+ROBOMIMIC_ID = re.compile(r"(lift|can|square|transport|tool_hang)-(mh|ph)-low_dim")
+ROBOSUITE_TASKS = {"Lift": "lift", "PickPlaceCan": "can", "NutAssemblySquare": "square", "TwoArmTransport": "transport",
+                   "ToolHang": "tool_hang"}
 
 
 def _make_raw(env_id: str) -> gym.Env:
@@ -199,3 +206,29 @@ def check_against_env(data: dict, path: str, env_id: str) -> dict:
     out["actions"] = np.clip(2.0 * (out["actions"] - low) / (high - low) - 1.0, -1.0, 1.0)
     out["ends"][-1] = 1.0  # nothing follows the dataset's last row
     return {k: v.astype(np.float32) for k, v in out.items()}
+
+
+def robomimic_task(env_id: str, path: str | None = None) -> str | None:
+    """The Robomimic task of a run (lift, can, square, ...), or None when it is not one: read from an env id in
+    the authors' naming (`lift-mh-low_dim`), else from an .hdf5 whose data.attrs["env_args"] says it was recorded
+    in robosuite (Robomimic's own files do; the files benchmarks/make_dataset.py writes say "gymnasium")."""
+    match = ROBOMIMIC_ID.fullmatch(env_id)
+    if match:
+        return match.group(1)
+    if path is None or os.path.splitext(path)[1].lower() not in (".hdf5", ".h5") or not os.path.isfile(path):
+        return None
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as file:
+            raw = file["data"].attrs.get("env_args") if "data" in file else None
+    except OSError:
+        return None
+    try:
+        env_args = json.loads(raw.decode() if isinstance(raw, bytes) else raw) if raw is not None else {}
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(env_args, dict) or env_args.get("type") != 1:
+        return None
+    name = str(env_args.get("env_name", ""))
+    return ROBOSUITE_TASKS.get(name, name.lower() or "robosuite")

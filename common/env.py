@@ -33,6 +33,23 @@ def check_run_flags(args) -> None:
         raise ConfigError(f"--resume {args.resume!r} does not exist (give a checkpoint file or a run folder)")
 
 
+def check_run_args(args) -> None:
+    """The flags every training script has (run length, buffer, batch, logging, evaluation, checkpoints, where
+    the run comes from, the env id), refused in one line; a script checks its own hyperparameters besides."""
+    for name in ["num_seeds", "total_timesteps", "buffer_size", "batch_size", "eval_every", "log_every"]:
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["learning_starts", "eval_episodes", "checkpoint_every"]:
+        if getattr(args, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.keep_checkpoints < 1:
+        raise ConfigError(f"--keep-checkpoints must be at least 1, got {args.keep_checkpoints}")
+    if args.batch_size > args.buffer_size:
+        raise ConfigError(f"--batch-size {args.batch_size} is above --buffer-size {args.buffer_size}; it must be at most the buffer size")
+    check_run_flags(args)
+    check_env_id(args.env_id)
+
+
 _EXAMPLES = (
     "a Gymnasium MuJoCo id (Ant-v4, HalfCheetah-v4, Hopper-v4, Walker2d-v4, Humanoid-v4, "
     "HumanoidStandup-v4, Swimmer-v4, or their -v5) or a dm_control task as "
@@ -197,6 +214,17 @@ def env_dims(env_id: str) -> tuple[int, int]:
     env = make_env(env_id, 0)
     try:
         return env.observation_space.shape[0], env.action_space.shape[0]
+    finally:
+        env.close()
+
+
+def action_scale(env_id: str) -> np.ndarray:
+    """The half-range (high - low) / 2 of `env_id`'s own action bounds, per dimension, which make_env
+    rescales to [-1, 1]: the factor between a density over [-1, 1] actions and one in the env's units."""
+    env = make_env(env_id, 0)
+    try:
+        space = env.unwrapped.action_space
+        return ((space.high - space.low) / 2.0).astype(np.float32)
     finally:
         env.close()
 

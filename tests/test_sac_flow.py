@@ -1,6 +1,7 @@
 """SAC Flow-G / Flow-T: the path density, the marginal drift, the networks, batch renormalisation,
 short end-to-end runs of both scripts, and bad input."""
 
+import functools
 import math
 import os
 
@@ -19,11 +20,13 @@ from helpers import all_finite, only_run_dir, read_scalars, run_script
 # ---------------------------------------------------------------------------------------------
 
 
-def toy_step(s, x, t):
+def toy_step(s):
     """A nonlinear velocity and a time-dependent noise level, known in closed form."""
-    v = jnp.sin(x) * jnp.mean(s, axis=-1, keepdims=True) + t
-    log_std = -0.5 + t * jnp.ones_like(x)
-    return v, log_std
+
+    def step(x, t, k):
+        return jnp.sin(x) * jnp.mean(s, axis=-1, keepdims=True) + t, -0.5 + t * jnp.ones_like(x)
+
+    return step
 
 
 def numpy_drift(v, x, t, sigma, drift):
@@ -32,11 +35,18 @@ def numpy_drift(v, x, t, sigma, drift):
     return v * (1 + sigma**2 * t / (2 * (1 - t))) - sigma**2 * x / (2 * (1 - t))
 
 
-@pytest.mark.parametrize("drift", ["plain", "marginal"])
-def test_path_log_density_matches_scipy(drift):
-    K, scale, bias = 3, 2.0, 0.3
+STEP_STD = {"sigma": lambda dt: 1.0, "sigma-dt": lambda dt: dt, "sqrt-dt": lambda dt: math.sqrt(dt)}
+
+
+@pytest.mark.parametrize("drift,step_noise", [("plain", "sigma"), ("plain", "sigma-dt"), ("plain", "sqrt-dt"),
+                                              ("marginal", "sqrt-dt")])
+def test_path_log_density_matches_scipy(drift, step_noise):
+    # every term by scipy: the N(0, I) start, each step's Gaussian with its -log std under the step-noise
+    # scaling, and the tanh Jacobian in the env's units (a per-dimension half-range, as Humanoid's 0.4)
+    K, scale = 3, np.array([0.4, 2.0])
     s = jnp.array(np.random.default_rng(0).normal(size=(64, 5)), jnp.float32)
-    action, log_prob, path = G.flow_rollout(toy_step, s, jax.random.PRNGKey(3), 2, K, drift, scale=scale, bias=bias)
+    action, log_prob, path = G.flow_rollout(toy_step(s), (64, 2), jax.random.PRNGKey(3), K, drift, step_noise,
+                                            units_scale=jnp.array(scale, jnp.float32))
     xs = [np.asarray(x, np.float64) for x in path["xs"]]
     s_np, dt = np.asarray(s, np.float64), 1.0 / K
     expected = stats.norm.logpdf(xs[0]).sum(-1)
@@ -45,12 +55,22 @@ def test_path_log_density_matches_scipy(drift):
         v = np.sin(xs[k]) * s_np.mean(-1, keepdims=True) + t
         sigma = np.exp(-0.5 + t)
         mean = xs[k] + dt * numpy_drift(v, xs[k], t, sigma, drift)
-        expected += stats.norm.logpdf(xs[k + 1], loc=mean, scale=sigma * math.sqrt(dt)).sum(-1)
+        expected += stats.norm.logpdf(xs[k + 1], loc=mean, scale=sigma * STEP_STD[step_noise](dt)).sum(-1)
     expected -= np.log(scale * (1 - np.tanh(xs[K]) ** 2) + 1e-6).sum(-1)
-    np.testing.assert_allclose(np.asarray(log_prob), expected, rtol=1e-4, atol=1e-3)
-    np.testing.assert_allclose(np.asarray(action), np.tanh(xs[K]) * scale + bias, rtol=1e-5, atol=1e-6)
-    # the -log sigma terms are in: a rollout with 10x the noise has a lower density by about K * D * log 10
-    assert np.isfinite(expected).all()
+    # float32 loses digits of 1 - tanh^2 for the few samples near saturation, hence atol 1e-2 (a missing
+    # -log std term alone would be off by at least 0.4)
+    np.testing.assert_allclose(np.asarray(log_prob), expected, rtol=1e-4, atol=1e-2)
+    np.testing.assert_allclose(np.asarray(action), np.tanh(xs[K]), rtol=1e-5, atol=1e-6)  # the env rescales it
+
+
+def test_env_units_shift_log_pi_by_the_log_half_range():
+    # Humanoid-v4: 17 dimensions of +-0.4; away from saturation log pi in env units is 17 * log(1 / 0.4) higher
+    s = jnp.zeros((8, 3))
+    step = lambda x, t, k: (jnp.zeros_like(x), jnp.full_like(x, -3.0))
+    unit = G.flow_rollout(step, (8, 17), jax.random.PRNGKey(0), 4, units_scale=1.0)[1]
+    env = G.flow_rollout(step, (8, 17), jax.random.PRNGKey(0), 4, units_scale=jnp.full((17,), 0.4))[1]
+    np.testing.assert_allclose(np.asarray(env - unit), -17 * math.log(0.4), rtol=1e-3)
+    assert s.shape[0] == 8
 
 
 def test_log_sigma_terms_are_counted():
@@ -87,7 +107,7 @@ def gaussian_flow_step(log_sigma):
     """Marginal velocity of the straight path x_t = (1 - t) x0 + t (MU + S z) with independent
     x0, z ~ N(0, I): v = E[x1 - x0 | x_t] = MU + (t S^2 - (1 - t)) / var_t (x - t MU)."""
 
-    def step(s, x, t):
+    def step(x, t, k):
         var_t = (1 - t) ** 2 + t**2 * S**2
         v = MU + (t * S**2 - (1 - t)) / var_t * (x - t * MU)
         return v, jnp.full_like(x, log_sigma)
@@ -97,12 +117,11 @@ def gaussian_flow_step(log_sigma):
 
 def test_marginal_drift_keeps_the_final_law_and_the_plain_drift_does_not():
     K, n, sigma = 200, 20_000, 0.8
-    s = jnp.zeros((n, 1))
     key = jax.random.PRNGKey(7)
     final = {}
     for name, drift, log_sigma in [("ode", "plain", -30.0), ("marginal", "marginal", math.log(sigma)),
                                    ("plain", "plain", math.log(sigma))]:
-        path = G.flow_rollout(gaussian_flow_step(log_sigma), s, key, 2, K, drift)[2]
+        path = G.flow_rollout(gaussian_flow_step(log_sigma), (n, 2), key, K, drift, "sqrt-dt")[2]
         final[name] = np.asarray(path["xs"][-1]).ravel()
     mean_se, var_se = S / math.sqrt(2 * n), S**2 * math.sqrt(2 / (2 * n))
     assert abs(final["ode"].mean() - MU) < 0.01 and abs(final["ode"].var() - S**2) < 0.01  # Euler at K = 200
@@ -161,9 +180,12 @@ def test_flow_t_attention_shapes_and_masks():
 
     velocity = T.DecodedVelocity(act_dim=3, d_model=d, n_heads=heads, n_layers=2)
     s, x, t = jnp.ones((B, 11)), jnp.ones((B, 3)), jnp.full((B, 1), 0.25)
-    vp = velocity.init(jax.random.PRNGKey(1), s, x, t)
-    assert velocity.apply(vp, s, x, t).shape == (B, 3)
-    assert set(vp["params"]) >= {"block_0", "block_1", "velocity_head", "action_embedding"}
+    both = lambda m, s_, x_, t_: m(m.encode_state(s_), x_, t_)
+    vp = velocity.init(jax.random.PRNGKey(1), s, x, t, method=both)
+    v, h = velocity.apply(vp, s, x, t, method=both)
+    assert v.shape == (B, 3) and h.shape == (B, d)
+    assert velocity.apply(vp, s, method="encode_state").shape == (B, 1, d)
+    assert set(vp["params"]) >= {"blocks_0", "blocks_1", "velocity_head", "action_embedding", "norm_out"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,18 +202,19 @@ def brn(train, **kw):
 
 
 def test_batch_renorm_training_mode_before_renorm_is_batch_norm():
-    module, variables = brn(True)
-    y, new = module.apply(variables, X, False, mutable=["batch_stats"])
+    module, variables = brn(True, warmup=1)
+    y, new = module.apply(variables, X, mutable=["batch_stats"])
     std = np.sqrt(np.array([1.0, 4.0]) + EPS)
     np.testing.assert_allclose(y, (np.asarray(X) - [2.0, 4.0]) / std, rtol=1e-6)
-    # running statistics start at (0, 1) and move 10% toward the batch's
+    # running statistics start at (0, 1) and move 10% toward the batch's; the layer counts its calls
     np.testing.assert_allclose(new["batch_stats"]["mean"], [0.2, 0.4], rtol=1e-6)
     np.testing.assert_allclose(new["batch_stats"]["var"], [1.0, 1.3], rtol=1e-6)
+    assert int(new["batch_stats"]["calls"]) == 1
 
 
 def test_batch_renorm_training_mode_with_renorm_by_hand():
-    module, variables = brn(True, r_max=1.5, d_max=3.0)
-    y, _ = module.apply(variables, X, True, mutable=["batch_stats"])
+    module, variables = brn(True, r_max=1.5, d_max=3.0, warmup=0)
+    y, _ = module.apply(variables, X, mutable=["batch_stats"])
     std = np.sqrt(np.array([1.0, 4.0]) + EPS)
     ra_std = math.sqrt(1.0 + EPS)  # running mean 0, variance 1
     r = np.clip(std / ra_std, 1 / 1.5, 1.5)  # [1, 1.999 -> 1.5]
@@ -200,13 +223,144 @@ def test_batch_renorm_training_mode_with_renorm_by_hand():
     np.testing.assert_allclose(y, (np.asarray(X) - [2.0, 4.0]) / std * r + d, rtol=1e-5)
 
 
+def test_batch_renorm_switches_on_after_its_own_warmup_calls():
+    module, variables = brn(True, r_max=1.5, d_max=3.0, warmup=2)
+    outputs = []
+    for _ in range(3):
+        y, updated = module.apply(variables, X, mutable=["batch_stats"])
+        variables = {**variables, **updated}
+        outputs.append(np.asarray(y))
+    plain = (np.asarray(X) - [2.0, 4.0]) / np.sqrt(np.array([1.0, 4.0]) + EPS)
+    np.testing.assert_allclose(outputs[0], plain, rtol=1e-6)
+    np.testing.assert_allclose(outputs[1], plain, rtol=1e-6)
+    assert not np.allclose(outputs[2], plain)  # the third call renormalises
+
+
 def test_batch_renorm_evaluation_mode_uses_running_statistics():
     module = G.BatchRenorm(train=False, epsilon=EPS)
     variables = {"params": {"scale": jnp.array([2.0, 1.0]), "bias": jnp.array([0.5, 0.0])},
-                 "batch_stats": {"mean": jnp.array([1.0, -1.0]), "var": jnp.array([4.0, 0.25])}}
+                 "batch_stats": {"mean": jnp.array([1.0, -1.0]), "var": jnp.array([4.0, 0.25]), "calls": jnp.array(0)}}
     y = module.apply(variables, X)
     expected = (np.asarray(X) - [1.0, -1.0]) / np.sqrt(np.array([4.0, 0.25]) + EPS) * [2.0, 1.0] + [0.5, 0.0]
     np.testing.assert_allclose(y, expected, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The authors' actor: batch renormalisation of [s, x_k] (Flow-G); of s, x_k and each sublayer (Flow-T)
+# ---------------------------------------------------------------------------------------------
+
+
+def small_g_args(**kw):
+    base = dict(hidden_dim=8, time_emb_dim=4, log_std_hidden=8, flow_steps=3, bn_momentum=0.9)
+    return G.Args(**{**base, **kw})
+
+
+def dense(p, x):
+    return x @ np.asarray(p["kernel"], np.float64) + np.asarray(p["bias"], np.float64)
+
+
+def swish(x):
+    return x / (1 + np.exp(-x))
+
+
+def gated_velocity_by_hand(p, u_hat, x, t, emb_dim):
+    """Flow-G's v = z (h - x) from the parameters, in numpy, on already normalised [s, x] features."""
+    half = emb_dim // 2
+    angles = t * np.exp(-np.log(10000.0) * np.arange(half) / (half - 1))
+    temb = np.concatenate([np.sin(angles), np.cos(angles)], -1)
+    # flax names the outer Dense first: Dense_0 is the last layer, Dense_1 the first
+    temb = dense(p["TimeEmbedding_0"]["Dense_0"], swish(dense(p["TimeEmbedding_0"]["Dense_1"], temb)))
+    f = np.concatenate([u_hat, temb], -1)
+    z = 1 / (1 + np.exp(-dense(p["gate_out"], swish(dense(p["gate_hidden"], f)))))
+    h = dense(p["candidate_out"], swish(dense(p["candidate_hidden"], f)))
+    return z * (h - x)
+
+
+def randomised(variables, seed=0):
+    """The same tree with every float leaf drawn at random, so no layer is an identity at init."""
+    leaves, tree = jax.tree_util.tree_flatten(variables)
+    rng = np.random.default_rng(seed)
+    # vectors (norm scales and shifts, running means and variances) positive, matrices centred
+    new = [x if x.dtype == jnp.int32 else jnp.array(rng.uniform(0.5, 1.5, x.shape) if x.ndim == 1 else
+                                                     rng.normal(0, 0.3, x.shape), jnp.float32) for x in leaves]
+    return jax.tree_util.tree_unflatten(tree, new)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_flow_g_actor_batch_renormalises_obs_and_x_per_step(train):
+    # The deterministic rollout (x_0 = 0, no noise) recomputed in numpy: at every step [s, x_k] is
+    # normalised with the batch's statistics (train: the actor loss) or the running ones (acting and the
+    # critic target), then Flow-G's gate and candidate act on it; in train mode the running statistics
+    # move once per step, in eval mode not at all.
+    args = small_g_args()
+    obs_dim, act_dim, B = 5, 2, 16
+    rng = np.random.default_rng(3)
+    s = jnp.array(rng.normal(2.0, 3.0, size=(B, obs_dim)), jnp.float32)
+    policy = G.FlowPolicy(args, act_dim, train=train)
+    variables = randomised(policy.init(jax.random.PRNGKey(0), s, jax.random.PRNGKey(1)))
+    (action, _, path), new = policy.apply(variables, s, jax.random.PRNGKey(1), deterministic=True,
+                                          mutable=["batch_stats"])
+    norm_p, stats_ = variables["params"]["input_norm"], variables["batch_stats"]["input_norm"]
+    mean, var = np.asarray(stats_["mean"], np.float64), np.asarray(stats_["var"], np.float64)
+    x, dt = np.zeros((B, act_dim)), 1.0 / args.flow_steps
+    for k in range(args.flow_steps):
+        u = np.concatenate([np.asarray(s, np.float64), x], -1)
+        m, v = (u.mean(0), u.var(0)) if train else (mean, var)
+        u_hat = (u - m) / np.sqrt(v + args.bn_eps) * np.asarray(norm_p["scale"]) + np.asarray(norm_p["bias"])
+        if train:
+            mean, var = 0.9 * mean + 0.1 * u.mean(0), 0.9 * var + 0.1 * u.var(0)
+        x = x + dt * gated_velocity_by_hand(variables["params"]["velocity"], u_hat, x, np.full((B, 1), k * dt), 4)
+        np.testing.assert_allclose(np.asarray(path["xs"][k + 1]), x, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(action), np.tanh(x), rtol=1e-4, atol=1e-5)
+    assert np.isfinite(x).all() and np.abs(x).max() > 0.1
+    new_stats = new["batch_stats"]["input_norm"]
+    np.testing.assert_allclose(np.asarray(new_stats["mean"]), mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(new_stats["var"]), var, rtol=1e-4, atol=1e-5)
+    assert int(new_stats["calls"]) == (args.flow_steps if train else 0)
+
+
+def test_flow_g_log_std_head_reads_the_observation_alone():
+    args = small_g_args()
+    s = jnp.array(np.random.default_rng(0).normal(size=(4, 5)), jnp.float32)
+    policy = G.FlowPolicy(args, 2)
+    variables = policy.init(jax.random.PRNGKey(0), s, jax.random.PRNGKey(1))
+    assert variables["params"]["log_std"]["Dense_0"]["kernel"].shape == (5, 8)  # s only, no time input
+    expected = G.LogStdHead(2, 8, -5.0, 2.0).apply({"params": variables["params"]["log_std"]}, s)
+    log_std = policy.apply(variables, s, jax.random.PRNGKey(1))[2]["log_std"]
+    np.testing.assert_allclose(log_std, jnp.mean(expected), rtol=1e-6)  # the same sigma at every step
+    timed = G.FlowPolicy(small_g_args(log_std_input="obs-time"), 2).init(jax.random.PRNGKey(0), s, jax.random.PRNGKey(1))
+    assert timed["params"]["log_std"]["Dense_0"]["kernel"].shape == (6, 8)  # (s, t)
+
+
+def test_flow_t_actor_normalises_obs_once_x_per_step_and_every_sublayer():
+    args = T.Args(d_model=8, n_heads=2, n_layers=2, flow_steps=3, bn_momentum=0.9)
+    B, obs_dim = 16, 5
+    s = jnp.array(np.random.default_rng(4).normal(1.0, 2.0, size=(B, obs_dim)), jnp.float32)
+    policy = T.FlowPolicy(args, 2, train=True)
+    variables = randomised(policy.init(jax.random.PRNGKey(0), s, jax.random.PRNGKey(1)))
+    (_, log_pi, _), new = policy.apply(variables, s, jax.random.PRNGKey(2), mutable=["batch_stats"])
+    calls = {"/".join(str(getattr(p, "key", p)) for p in path[:-1]): int(leaf)
+             for path, leaf in jax.tree_util.tree_flatten_with_path(new["batch_stats"])[0] if path[-1].key == "calls"}
+    expected = {"velocity/state_norm": 1, **{f"velocity/x_norms_{k}": 1 for k in range(3)},
+                **{f"velocity/blocks_{i}/norm_{n}": 3 for i in range(2) for n in ["self", "cross", "ffn"]}}
+    assert calls == expected
+    # the state token: the observation normalised with its batch statistics, then the encoder
+    p = variables["params"]["velocity"]
+    s64 = np.asarray(s, np.float64)
+    s_hat = (s64 - s64.mean(0)) / np.sqrt(s64.var(0) + args.bn_eps) * np.asarray(p["state_norm"]["scale"]) \
+        + np.asarray(p["state_norm"]["bias"])
+    h = dense(p["state_encoder_0"], s_hat)
+    token = dense(p["state_encoder_1"], h / (1 + np.exp(-h)))
+    velocity = T.DecodedVelocity(2, 8, 2, 2, functools.partial(T.batch_renorm, args, True), 3)
+    got, _ = velocity.apply({"params": p, "batch_stats": variables["batch_stats"]["velocity"]}, s, method="encode_state",
+                            mutable=["batch_stats"])
+    np.testing.assert_allclose(np.asarray(got)[:, 0], token, rtol=1e-4, atol=1e-5)
+    # log pi from the decoder output head: sigma depends on x_k, and the log-density stays finite
+    assert "log_std" in variables["params"] and variables["params"]["log_std"]["kernel"].shape == (8, 2)
+    assert np.isfinite(np.asarray(log_pi)).all()
+    # running statistics differ from batch statistics, so acting (eval mode) differs from the actor loss's pass
+    eval_pi = T.FlowPolicy(args, 2, train=False).apply(variables, s, jax.random.PRNGKey(2))[1]
+    assert not np.allclose(np.asarray(eval_pi), np.asarray(log_pi))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,8 +373,12 @@ TINY = ["--env-id", "Hopper-v4", "--total-timesteps", "500", "--learning-starts"
 RUNS = {
     "gated": ("sac_flow_g.py", ["--hidden-dim", "32"]),
     "naive_target_marginal": ("sac_flow_g.py", ["--hidden-dim", "16", "--velocity", "mlp", "--target-network",
-                                                "--drift", "marginal", "--flow-steps", "2"]),
+                                                "--drift", "marginal", "--step-noise", "sqrt-dt", "--log-std-input",
+                                                "obs-time", "--no-actor-batch-norm", "--flow-steps", "2"]),
     "decoded": ("sac_flow_t.py", ["--d-model", "16", "--n-heads", "2", "--n-layers", "1"]),
+    "decoded_layernorm_marginal": ("sac_flow_t.py", ["--d-model", "16", "--n-heads", "2", "--n-layers", "1",
+                                                     "--no-actor-batch-norm", "--drift", "marginal", "--step-noise",
+                                                     "sqrt-dt", "--log-std-input", "obs-time", "--action-units", "unit"]),
 }
 
 
@@ -275,6 +433,10 @@ BAD = [(G, args, f) for args, f in BAD_BOTH] + [(T, args, f) for args, f in BAD_
     (T, ["--d-model", "100", "--n-heads", "3"], ["--d-model 100 is not divisible by --n-heads 3"]),
     (T, ["--n-heads", "0"], ["--n-heads must be positive, got 0"]),
     (G, ["--time-emb-dim", "7"], ["--time-emb-dim must be an even number"]),
+    (G, ["--drift", "marginal"], ["--drift marginal needs --step-noise sqrt-dt", "got --step-noise sigma"]),
+    (T, ["--drift", "marginal"], ["--drift marginal needs --step-noise sqrt-dt", "got --step-noise sigma-dt"]),
+    (T, ["--drift", "marginal", "--step-noise", "sqrt-dt"], ["--drift marginal needs a noise level independent of x_k",
+                                                              "--log-std-input obs-time"]),
 ]
 
 

@@ -1,0 +1,774 @@
+"""SAC Flow offline-to-online: pretrain a flow policy on demonstrations, then fine-tune it online with SAC
+kept near the data, in one JAX/Flax file (the paper's second pipeline, for sparse-reward manipulation).
+
+The actor is a K-step flow rollout over a whole action chunk of H actions, x_{k+1} = x_k + dt v(s, x_k, t_k)
++ noise, chunk = tanh(x_K), with Flow-G's gated velocity or Flow-T's decoded velocity (--velocity). The
+chunk is executed open-loop; the critics score (s_t, a_{t:t+H}) by H-step returns (QC-FQL's layout).
+
+Schedule (--schedule; the default is the authors' main_action_reg_three_phase.py):
+  three-phase  offline, each step on one batch: critics + Eq. 3, then critics + Eq. 12 + alpha with the
+               offline BC weight; online, each step: critics + Eq. 12 + alpha with the online BC weight
+  two-phase    the paper's: offline, critics + Eq. 3 only; online as above
+
+| paper | what | where |
+|---|---|---|
+| Eq. 3 | flow matching: E ||v(s, x_t, t) - (x_1 - x_0)||^2, x_t = (1 - t) x_0 + t x_1 | flow_matching_loss, flow_matching_step |
+| Eq. 6 | Flow-G velocity v = sigmoid(g) * (c - x) | GatedVelocity (TimeEmbedding) |
+| Eq. 7-9 | Flow-T velocity: pre-norm decoder blocks over one action-time token | DecodedVelocity (DecoderBlock, MultiHeadAttention) |
+| Eq. 13 | noise-augmented rollout, fixed noise sigma_k sqrt(dt) = --noise-std | flow_rollout, make_sampler |
+| Eq. 15 | path log-density log pi = log N(x_0) + sum_k log N(x_{k+1}; mean_k, std_k) - log|da/dx_K| | path_log_prob (gaussian_log_prob, tanh_log_det) |
+| Eq. 12 | actor: beta ||a_pi - a_data||^2 + mean(alpha log pi - mean_i Q_i(s, a_pi)) | bc_loss, eq12_step |
+| H-step TD | y = sum_k gamma^k r_{t+k} + gamma^H (1 - done) (mean_i Q'_i(s_{t+H}, a') - alpha log pi(a'|s_{t+H})) | chunk_td_loss (chunks: common/buffer.py sample_chunks) |
+| alpha | authors: alpha (mean log pi - target); Eq. 24: alpha (-mean log pi - target) | alpha_loss |
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Literal, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from flax.training.train_state import TrainState
+
+from common.buffer import SequenceBuffer, sample_chunks, sequence_add, sequence_buffer
+from common.checkpoint import Diverged, StopOnSignal, check_metrics, finite_flags
+from common.datasets import ROBOMIMIC_ID, load_dataset, robomimic_task
+from common.env import ConfigError, check_env_id, evaluate_chunks, make_env, seed_everything
+
+
+@dataclass
+class Args:
+    """SAC Flow offline-to-online (Flow-G or Flow-T velocity): pretrain on --dataset, then fine-tune online."""
+
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name, with the velocity)"""
+    seed: int = 1
+    """seed of the environments, numpy and JAX"""
+    env_id: str = "cube-double-singletask-task2-v0"
+    """the online env: an OGBench single-task id or a Gymnasium MuJoCo id whose sizes match the dataset"""
+    dataset: Optional[str] = None
+    """demonstrations (required): an OGBench .npz or a Robomimic low-dim .hdf5 (benchmarks/make_dataset.py writes both)"""
+    dataset_obs_keys: Optional[tuple[str, ...]] = None
+    """Robomimic obs keys concatenated into the observation (default: its low-dim keys, else every key of the file)"""
+    schedule: Literal["three-phase", "two-phase"] = "three-phase"
+    """three-phase (the authors' main_action_reg_three_phase.py): each offline step runs critics + flow matching, then
+    critics + the Eq. 12 actor loss + alpha on the same batch; two-phase (the paper): offline, critics + flow matching only"""
+    offline_steps: int = 1_000_000
+    """gradient steps on the dataset alone"""
+    online_steps: int = 1_000_000
+    """online env steps (one gradient step each from --learning-starts on)"""
+    learning_starts: int = 5000
+    """online env step of the first online gradient step (the buffer already holds the dataset; the authors' start_training)"""
+    horizon: int = 5
+    """action chunk length H: the actor emits H actions, executed open-loop; the critics score chunks by H-step returns"""
+    batch_size: int = 256
+    """chunks per gradient step"""
+    lr: float = 3e-4
+    """Adam learning rate (default betas) of the actor, the critics and log alpha"""
+    gamma: float = 0.99
+    """discount factor (gamma^H between chunks)"""
+    tau: float = 0.005
+    """Polyak rate of the target critics"""
+    n_critics: int = 2
+    """critics in the ensemble (the target takes their mean, as the authors' q_agg=mean)"""
+    critic_width: int = 512
+    """width of each critic's hidden layers (Dense, GELU, LayerNorm)"""
+    critic_depth: int = 4
+    """hidden layers of each critic"""
+    velocity: Literal["gated", "decoded"] = "gated"
+    """gated: Flow-G's v = z * (h - x) (--hidden-dim, --time-emb-dim); decoded: Flow-T's decoder (--d-model, --n-heads, --n-layers)"""
+    hidden_dim: int = 512
+    """Flow-G: width of the gate and candidate hidden layers"""
+    time_emb_dim: int = 32
+    """Flow-G: size of the sinusoidal time embedding (half as many frequencies)"""
+    d_model: int = 96
+    """Flow-T: width of the action-time and state tokens (the authors' offline-to-online code uses 128)"""
+    n_heads: int = 4
+    """Flow-T: attention heads (must divide --d-model)"""
+    n_layers: int = 2
+    """Flow-T: decoder blocks"""
+    flow_steps: int = 4
+    """rollout steps K, for training, acting and evaluation"""
+    drift: Literal["plain", "marginal"] = "plain"
+    """drift of the noisy rollout: plain b = v (the authors'), or marginal, which keeps the noiseless flow's final law"""
+    noise_std: float = 0.10
+    """std of each rollout step's fixed Gaussian noise in the Eq. 12 actor loss (the paper's; the authors' code: 0.05)"""
+    act_noise_std: float = 0.02
+    """that std when acting, evaluating and sampling the critic target's next chunk (the authors' inference noise)"""
+    flow_target: Literal["action", "atanh"] = "action"
+    """x_1 of Eq. 3, matched by the pre-tanh rollout output: the data action itself (the authors'), or its atanh"""
+    bc_weight: Optional[float] = None
+    """beta of Eq. 12 in both phases (offline only with three-phase) unless --online-bc-weight; unset: the paper's Table 4
+    for the task family (300 cube-double and scene, 100 cube-triple and cube-quadruple, Robomimic lift/can/square 10000
+    offline and 1000 online), else 100 with a printed note"""
+    online_bc_weight: Optional[float] = None
+    """beta of Eq. 12 in the online phase (the authors reset it there, their --online_alpha); unset: as above"""
+    alpha: float = 0.2
+    """initial entropy coefficient"""
+    autotune: bool = True
+    """tune log alpha toward --target-entropy (otherwise alpha stays at --alpha)"""
+    target_entropy: float = 0.0
+    """entropy target of the alpha update (the authors' 0)"""
+    alpha_loss: Literal["authors", "sac"] = "authors"
+    """authors: alpha (mean log pi - target), their code's sign, which lowers alpha while log pi is above the target
+    (always, with fixed noise); sac: alpha (-mean log pi - target) (Eq. 24), which then raises alpha without bound"""
+    robomimic_reward_shift: bool = True
+    """for a Robomimic task (its env id, or an .hdf5 recorded in robosuite), subtract 1 from every reward, dataset
+    and online, as the authors' main.py does ((0, 1) -> (-1, 0)); --no-robomimic-reward-shift keeps them"""
+    eval_every: int = 100_000
+    """evaluate every this many offline steps and online env steps, and at the end of each phase"""
+    eval_episodes: int = 50
+    """episodes per evaluation (sampled with --act-noise-std, as acting); 0: no evaluation"""
+    log_every: int = 1000
+    """write the losses every this many offline steps and online env steps"""
+    progress: bool = True
+    """show a progress bar on the terminal"""
+
+
+# The paper's Table 4 (Flow-G and Flow-T columns): beta of Eq. 12 per task family, (offline, online). Robomimic's
+# "10000/1000" is read as 10000 offline and 1000 online: the authors' three-phase script resets the weight for
+# the online phase (main_action_reg_three_phase.py line 235) and the paper's A.6 says to start large and anneal.
+BC_WEIGHTS = {"cube-double": (300.0, 300.0), "scene": (300.0, 300.0), "cube-triple": (100.0, 100.0),
+              "cube-quadruple": (100.0, 100.0), "lift": (10000.0, 1000.0), "can": (10000.0, 1000.0),
+              "square": (10000.0, 1000.0)}
+FALLBACK_BC_WEIGHT = 100.0  # the authors' default --agent.alpha and --online_alpha
+
+
+def task_family(env_id: str, robomimic: Optional[str] = None) -> Optional[str]:
+    """The row of BC_WEIGHTS for a run: its Robomimic task, else the OGBench family of its env id."""
+    if robomimic is not None:
+        return robomimic
+    name = env_id.removeprefix("visual-")
+    return next((f for f in ("cube-double", "cube-triple", "cube-quadruple", "scene") if name.startswith(f + "-")), None)
+
+
+def bc_weights(args: Args, family: Optional[str]) -> tuple[float, float, str]:
+    """(offline beta, online beta, where they come from): --bc-weight, else the family's row, else the fallback;
+    --online-bc-weight replaces the online one."""
+    if args.bc_weight is not None:
+        offline, online, source = args.bc_weight, args.bc_weight, "--bc-weight"
+    elif family in BC_WEIGHTS:
+        (offline, online), source = BC_WEIGHTS[family], f"the paper's Table 4 for {family}"
+    else:
+        offline = online = FALLBACK_BC_WEIGHT
+        source = f"no paper value for {args.env_id}: the fallback {FALLBACK_BC_WEIGHT:g} (set --bc-weight)"
+    return offline, online if args.online_bc_weight is None else args.online_bc_weight, source
+
+
+def check_args(args: Args) -> None:
+    """Refuse impossible settings with one line, before anything is built."""
+    if args.dataset is None:
+        raise ConfigError("--dataset is required: an OGBench .npz or a Robomimic .hdf5 (benchmarks/make_dataset.py makes one)")
+    positive = ["horizon", "batch_size", "lr", "n_critics", "critic_width", "critic_depth", "hidden_dim", "d_model",
+                "n_heads", "n_layers", "flow_steps", "noise_std", "act_noise_std", "alpha", "eval_every", "log_every"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["offline_steps", "online_steps", "learning_starts", "eval_episodes", "bc_weight", "online_bc_weight"]:
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.time_emb_dim < 4 or args.time_emb_dim % 2:
+        raise ConfigError(f"--time-emb-dim must be an even number >= 4, got {args.time_emb_dim}")
+    if args.d_model < 4 or args.d_model % args.n_heads:
+        raise ConfigError(f"--d-model must be at least 4 and a multiple of --n-heads {args.n_heads}, got {args.d_model}")
+    if not 0.0 <= args.gamma <= 1.0:
+        raise ConfigError(f"--gamma must be in [0.0, 1.0], got {args.gamma}")
+    if not 0.0 < args.tau <= 1.0:
+        raise ConfigError(f"--tau must be in (0.0, 1.0], got {args.tau}")
+    if ROBOMIMIC_ID.fullmatch(args.env_id):
+        raise ConfigError(f"--env-id {args.env_id!r} is a Robomimic task, whose simulator (robosuite) is not wired into this "
+                          "script; its .hdf5 runs with a Gymnasium or OGBench --env-id of the same sizes")
+    check_env_id(args.env_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Velocity networks: Flow-G (gated) and Flow-T (decoded), as in sac_flow_g.py / sac_flow_t.py
+# ---------------------------------------------------------------------------------------------
+
+
+def sinusoidal_embedding(t, dim: int):
+    """[sin(t w_i), cos(t w_i)] with dim/2 frequencies w_i from 1 down to 1/10000 (geometric)."""
+    half = dim // 2
+    freqs = jnp.exp(-jnp.log(10000.0) * jnp.arange(half) / (half - 1))
+    angles = t * freqs
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+class TimeEmbedding(nn.Module):
+    """The authors' time features: sinusoidal(dim) -> Dense 2*dim -> swish -> Dense dim."""
+
+    dim: int
+
+    @nn.compact
+    def __call__(self, t):
+        return nn.Dense(self.dim)(nn.swish(nn.Dense(2 * self.dim)(sinusoidal_embedding(t, self.dim))))
+
+
+class GatedVelocity(nn.Module):
+    """Flow-G (Eq. 6): z = sigmoid(g(u, t)), h = c(u, t), v = z * (h - x), u = [s, x].
+
+    With `norm` (the authors' actor), u is batch-renormalised by one layer shared by all K steps.
+    The gate's last layer starts with zero weights and bias 5, so z = sigmoid(5) = 0.993 for every
+    input: each step starts close to the plain x + dt * (h - x) update, and the gate learns where to
+    hold x back, which bounds how much a step can amplify the gradient flowing through it."""
+
+    act_dim: int
+    hidden_dim: int
+    time_emb_dim: int
+    norm: Optional[nn.Module] = None
+
+    @nn.compact
+    def __call__(self, s, x, t):
+        u = jnp.concatenate([s, x], axis=-1)
+        features = jnp.concatenate([u if self.norm is None else self.norm(u), TimeEmbedding(self.time_emb_dim)(t)], axis=-1)
+        gate_logit = nn.Dense(self.act_dim, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.constant(5.0),
+                              name="gate_out")(nn.swish(nn.Dense(self.hidden_dim, name="gate_hidden")(features)))
+        z = nn.sigmoid(gate_logit)
+        self.sow("intermediates", "gate", z)
+        h = nn.Dense(self.act_dim, name="candidate_out")(nn.swish(nn.Dense(self.hidden_dim, name="candidate_hidden")(features)))
+        return z * (h - x)
+
+
+class MultiHeadAttention(nn.Module):
+    """Scaled dot-product attention of `query` tokens (B, L, d) over `memory` tokens (B, M, d).
+
+    `mask` (L, M), True where attending is allowed. Returns the output (B, L, d) and the
+    attention weights (B, heads, L, M), the latter for inspection."""
+
+    d_model: int
+    n_heads: int
+
+    @nn.compact
+    def __call__(self, query, memory, mask=None):
+        head_dim = self.d_model // self.n_heads
+        split = lambda y: y.reshape(y.shape[:-1] + (self.n_heads, head_dim))
+        q = split(nn.Dense(self.d_model, name="query")(query))
+        k = split(nn.Dense(self.d_model, name="key")(memory))
+        v = split(nn.Dense(self.d_model, name="value")(memory))
+        logits = jnp.einsum("blhd,bmhd->bhlm", q, k) / jnp.sqrt(head_dim)
+        if mask is not None:
+            logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+        weights = jax.nn.softmax(logits, axis=-1)
+        out = jnp.einsum("bhlm,bmhd->blhd", weights, v).reshape(query.shape[:-1] + (self.d_model,))
+        return nn.Dense(self.d_model, name="out")(out), weights
+
+
+class DecoderBlock(nn.Module):
+    """One decoder block (Eq. 8): self-attention under a diagonal mask (each token attends only to
+    itself, no mixing across rollout steps), cross-attention to the state, feed-forward (GELU).
+
+    With `norm` (a batch-renorm factory: the authors' actor) each sublayer is post-normalised,
+    x <- BRN(x + f(x)); without it each is pre-normalised with LayerNorm, x <- x + f(LN(x)), which
+    keeps the residual path an identity."""
+
+    d_model: int
+    n_heads: int
+    norm: Optional[Callable[..., nn.Module]] = None
+
+    @nn.compact
+    def __call__(self, tokens, state_tokens):
+        diagonal = jnp.eye(tokens.shape[-2], dtype=bool)
+        sublayers = {
+            "self": lambda y: MultiHeadAttention(self.d_model, self.n_heads, name="self_attention")(y, y, diagonal)[0],
+            "cross": lambda y: MultiHeadAttention(self.d_model, self.n_heads, name="cross_attention")(y, state_tokens)[0],
+            "ffn": lambda y: nn.Dense(self.d_model)(nn.gelu(nn.Dense(4 * self.d_model)(y))),
+        }
+        for name, sublayer in sublayers.items():
+            if self.norm is None:
+                tokens = tokens + sublayer(nn.LayerNorm(name=f"norm_{name}")(tokens))
+            else:
+                tokens = self.norm(name=f"norm_{name}")(tokens + sublayer(tokens))
+        return tokens
+
+
+class DecodedVelocity(nn.Module):
+    """Flow-T (Eq. 7-9): token = W_x x_k + time_mlp(t_k), state token = enc(s); n_layers decoder
+    blocks refine the token; a linear head gives v. One token per rollout step: with the diagonal
+    mask its self-attention weight is exactly 1.
+
+    With `norm` (the authors' actor): the observation is batch-renormalised before the state
+    encoder, x_k by a layer of its own at each of the `flow_steps` steps, and the blocks are
+    post-normalised. Without it: the pre-norm LayerNorm blocks and a final LayerNorm. The state
+    token is computed once per rollout (`encode_state`); `__call__` returns v and the decoder output."""
+
+    act_dim: int
+    d_model: int
+    n_heads: int
+    n_layers: int
+    norm: Optional[Callable[..., nn.Module]] = None
+    flow_steps: int = 1
+
+    def setup(self):
+        d = self.d_model
+        self.time_mlp = [nn.Dense(d // 4), nn.Dense(d // 2), nn.Dense(d)]
+        self.state_encoder = [nn.Dense(d // 2), nn.Dense(d)]
+        self.action_embedding = nn.Dense(d)
+        self.blocks = [DecoderBlock(d, self.n_heads, self.norm) for _ in range(self.n_layers)]
+        if self.norm is None:
+            self.norm_out = nn.LayerNorm()
+        else:
+            self.state_norm = self.norm()
+            self.x_norms = [self.norm() for _ in range(self.flow_steps)]
+        self.velocity_head = nn.Dense(self.act_dim)
+
+    def encode_state(self, s):
+        s = s if self.norm is None else self.state_norm(s)
+        return self.state_encoder[1](nn.silu(self.state_encoder[0](s)))[..., None, :]
+
+    def __call__(self, state_token, x, t, k: int = 0):
+        time = self.time_mlp[2](nn.silu(self.time_mlp[1](nn.silu(self.time_mlp[0](t)))))
+        token = (self.action_embedding(x if self.norm is None else self.x_norms[k](x)) + time)[..., None, :]
+        for block in self.blocks:
+            token = block(token, state_token)
+        h = token[..., 0, :] if self.norm is not None else self.norm_out(token[..., 0, :])
+        return self.velocity_head(h), h
+
+
+class ChunkVelocity(nn.Module):
+    """v(s, x_k, t_k) over a whole chunk (H * act_dim): Flow-G's gated or Flow-T's decoded velocity, the
+    from-scratch scripts' own modules without their batch renormalisation (the authors' offline-to-online
+    actors have none) and without a log-std head (the noise is fixed)."""
+
+    args: "Args"
+    chunk_dim: int
+
+    @nn.compact
+    def __call__(self, s, x, t):
+        a = self.args
+        if a.velocity == "gated":
+            return GatedVelocity(self.chunk_dim, a.hidden_dim, a.time_emb_dim, name="velocity")(s, x, t)
+        velocity = DecodedVelocity(self.chunk_dim, a.d_model, a.n_heads, a.n_layers, name="velocity")
+        return velocity(velocity.encode_state(s), x, t)[0]
+
+
+def make_velocity(args: Args, chunk_dim: int) -> nn.Module:
+    return ChunkVelocity(args, chunk_dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# The noise-augmented rollout and its path log-density (Eq. 13-15)
+# ---------------------------------------------------------------------------------------------
+
+
+def plain_drift(v, x, t, sigma):
+    """The authors' step: b = v; the noise widens the final law beyond the deterministic flow's."""
+    return v
+
+
+def marginal_drift(v, x, t, sigma):
+    """b = v + sigma^2 / 2 * score, with the straight-path score -(x - t v) / (1 - t) (Eq. 13-14):
+    b = v (1 + sigma^2 t / (2 (1 - t))) - sigma^2 x / (2 (1 - t)). In continuous time the noisy
+    rollout then ends in the deterministic flow's law. t < 1 on every step, so 1 - t > 0."""
+    return v * (1.0 + sigma**2 * t / (2.0 * (1.0 - t))) - sigma**2 * x / (2.0 * (1.0 - t))
+
+
+DRIFTS = {"plain": plain_drift, "marginal": marginal_drift}
+
+
+def step_std(sigma, dt: float, step_noise: str):
+    """The std of one rollout step's Gaussian: sigma (the authors' Flow-G), sigma * dt (the authors'
+    Flow-T, noise on the velocity) or sigma * sqrt(dt) (Euler-Maruyama)."""
+    return sigma * {"sigma": 1.0, "sigma-dt": dt, "sqrt-dt": dt**0.5}[step_noise]
+
+
+def gaussian_log_prob(x, mean, std):
+    """log N(x; mean, diag(std^2)), summed over the last axis, with its -log std terms."""
+    z = (x - mean) / std
+    return jnp.sum(-0.5 * z**2 - jnp.log(std) - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1)
+
+
+def tanh_log_det(x_final, scale):
+    """log |da/dx_K| of a = tanh(x_K) * scale + bias, per dimension log(scale (1 - tanh^2) + 1e-6)."""
+    return jnp.sum(jnp.log(scale * (1.0 - jnp.tanh(x_final) ** 2) + 1e-6), axis=-1)
+
+
+def path_log_prob(xs, means, stds, scale=1.0):
+    """Joint log-density of the path (x_0, ..., x_K) and the squashed action (Eq. 15):
+    log N(x_0; 0, I) + sum_k log N(x_{k+1}; x_k + dt b_k, std_k^2 I) - log |da/dx_K|, every -log std
+    term included; `scale` is the action's half-range in the units the density is measured in."""
+    log_prob = gaussian_log_prob(xs[0], 0.0, 1.0)
+    for k in range(len(means)):
+        log_prob = log_prob + gaussian_log_prob(xs[k + 1], means[k], stds[k])
+    return log_prob - tanh_log_det(xs[-1], scale)
+
+
+def flow_rollout(step_fn, shape, key, steps: int, drift: str = "plain", step_noise: str = "sqrt-dt",
+                 deterministic: bool = False, perturb=None, units_scale=1.0):
+    """Sample a = tanh(x_K) in [-1, 1] by the noise-augmented rollout (Eq. 13):
+    x_0 ~ N(0, I); x_{k+1} = x_k + dt b_k + std_k eps_k, t_k = k / K, std_k = step_std(sigma_k).
+
+    `step_fn(x, t, k)` returns (v, log sigma) at step k. Deterministic: x_0 = 0 and no step noise,
+    i.e. the Euler-integrated flow ODE (both drifts reduce to v at sigma = 0). `perturb` (K, ...,
+    act_dim), zeros, is added to each x_k so that its gradient is d loss / d x_k, the backward pass
+    of the rollout seen as an RNN. log pi is measured in units where the action's half-range is
+    `units_scale` (the env's, with --action-units env). Returns the action, log pi (None when
+    deterministic) and the path with the mean log sigma."""
+    keys = jax.random.split(key, steps + 1)
+    x = jnp.zeros(shape) if deterministic else jax.random.normal(keys[0], shape)
+    dt = 1.0 / steps
+    xs, means, stds, log_stds = [], [], [], []
+    for k in range(steps):
+        xs.append(x)
+        if perturb is not None:
+            # Added to the state carried into step k only, not to the density's x_k: with the noise
+            # held fixed (reparameterised), the gradient is the recurrence's own d loss / d x_k,
+            # without the score term -(x_k - mean) / std^2 of the previous transition.
+            x = x + perturb[k]
+        t = k * dt
+        v, log_std = step_fn(x, t, k)
+        if deterministic:
+            x = x + dt * v
+            continue
+        sigma = jnp.exp(log_std)
+        mean = x + dt * DRIFTS[drift](v, x, t, sigma)
+        std = step_std(sigma, dt, step_noise)
+        x = mean + std * jax.random.normal(keys[k + 1], shape)
+        means.append(mean)
+        stds.append(std)
+        log_stds.append(log_std)
+    xs.append(x)
+    action = jnp.tanh(x)
+    if deterministic:
+        return action, None, {"xs": xs}
+    return action, path_log_prob(xs, means, stds, units_scale), {"xs": xs, "log_std": jnp.mean(jnp.stack(log_stds))}
+
+
+
+def make_sampler(args: Args, velocity_apply, chunk_dim: int):
+    """pi(chunk | s) with fixed noise: sampler(params, s, key, noise_std) -> (chunk in [-1, 1], log pi). Every
+    step's Gaussian has std noise_std, i.e. sigma_k = noise_std / sqrt(dt) in flow_rollout's terms."""
+    log_sqrt_k = 0.5 * jnp.log(float(args.flow_steps))
+
+    def sample(params, s, key, noise_std):
+        def step_fn(x, t, k):
+            v = velocity_apply(params, s, x, jnp.full(x.shape[:-1] + (1,), t))
+            return v, jnp.full(x.shape, jnp.log(noise_std) + log_sqrt_k)
+
+        return flow_rollout(step_fn, s.shape[:-1] + (chunk_dim,), key, args.flow_steps, args.drift, "sqrt-dt")[:2]
+
+    return sample
+
+
+# ---------------------------------------------------------------------------------------------
+# The chunk critic (QC-FQL's layout) and the agent
+# ---------------------------------------------------------------------------------------------
+
+
+class ChunkQNetwork(nn.Module):
+    """Q(s, a_{t:t+H}): `depth` layers of Dense (Xavier-uniform), GELU and LayerNorm, then Dense 1."""
+
+    width: int
+    depth: int
+
+    @nn.compact
+    def __call__(self, s, chunk):
+        x = jnp.concatenate([s, chunk], axis=-1)
+        for _ in range(self.depth):
+            x = nn.LayerNorm()(nn.gelu(nn.Dense(self.width, kernel_init=nn.initializers.xavier_uniform())(x)))
+        return nn.Dense(1, kernel_init=nn.initializers.xavier_uniform())(x).squeeze(-1)
+
+
+def make_critics(args: Args) -> nn.Module:
+    """`n_critics` chunk critics as one vmapped module; returns Q of shape (n_critics, batch)."""
+    ensemble = nn.vmap(ChunkQNetwork, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None, out_axes=0,
+                       axis_size=args.n_critics)
+    return ensemble(args.critic_width, args.critic_depth)
+
+
+@struct.dataclass
+class Agent:
+    actor: TrainState  # the velocity field over whole chunks
+    critic: TrainState
+    critic_target: dict  # Polyak average of the critics' parameters
+    log_alpha: TrainState
+    key: jax.Array
+
+
+def create_agent(args: Args, obs_dim: int, chunk_dim: int, key) -> Agent:
+    velocity, critics = make_velocity(args, chunk_dim), make_critics(args)
+    k_actor, k_critic, key = jax.random.split(key, 3)
+    s, a, t = jnp.zeros((1, obs_dim)), jnp.zeros((1, chunk_dim)), jnp.zeros((1, 1))
+    adam = optax.adam(args.lr)
+    as_array = lambda ts: ts.replace(step=jnp.zeros((), jnp.int32))  # one compiled signature from the start
+    actor = as_array(TrainState.create(apply_fn=velocity.apply, params=velocity.init(k_actor, s, a, t), tx=adam))
+    critic = as_array(TrainState.create(apply_fn=critics.apply, params=critics.init(k_critic, s, a), tx=adam))
+    log_alpha = as_array(TrainState.create(apply_fn=None, params={"log_alpha": jnp.log(jnp.float32(args.alpha))}, tx=adam))
+    return Agent(actor=actor, critic=critic, critic_target=jax.tree_util.tree_map(jnp.array, critic.params),
+                 log_alpha=log_alpha, key=key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses and update steps
+# ---------------------------------------------------------------------------------------------
+
+
+def flow_matching_loss(v_pred, x0, x1, valid):
+    """Eq. 3 on chunks (B, H, act_dim): ||v(s, x_t, t) - (x_1 - x_0)||^2, `v_pred` evaluated at x_t =
+    (1 - t) x_0 + t x_1; actions past their trajectory's end (valid 0) count as zero in the mean."""
+    return jnp.mean(valid[..., None] * (v_pred - (x1 - x0)) ** 2)
+
+
+def bc_loss(a_pi, a_data, valid):
+    """The proximity term of Eq. 12, ||a_pi - a_data||^2, averaged like flow_matching_loss."""
+    return jnp.mean(valid[..., None] * (a_pi - a_data) ** 2)
+
+
+def alpha_loss(log_alpha, mean_log_pi, target_entropy: float, form: str):
+    """authors: alpha (mean log pi - target) (their code's sign); sac: alpha (-mean log pi - target) (Eq. 24)."""
+    sign = 1.0 if form == "authors" else -1.0
+    return jnp.exp(log_alpha) * (sign * mean_log_pi - target_entropy)
+
+
+def make_steps(args: Args, act_dim: int):
+    """The two gradient steps on a batch of chunks `b` (common/buffer.py's ChunkBatch):
+    flow_matching_step(agent, b, key) and eq12_step(agent, b, key, bc_weight). Each computes every
+    gradient from the parameters before the step, as the authors' one combined loss does (so the actor's
+    Q is the critic from before its TD step), then applies them and moves the target critics toward the
+    critics before the step (their target_update reads the agent it was called on)."""
+    B, chunk_dim = args.batch_size, args.horizon * act_dim
+    velocity_apply, critic_apply = make_velocity(args, chunk_dim).apply, make_critics(args).apply
+    sample = make_sampler(args, velocity_apply, chunk_dim)
+
+    def chunk_td_loss(critic_params, agent: Agent, b, key):
+        """H-step TD: y = R_t + gamma^H (1 - done) (mean_i Q'_i(s_{t+H}, a') - alpha log pi(a'|s_{t+H})), a' sampled
+        with --act-noise-std (the authors'); chunks cut short by a time limit (critic_valid 0) are left out."""
+        alpha = jnp.exp(agent.log_alpha.params["log_alpha"])
+        next_a, next_log_pi = sample(agent.actor.params, b.next_obs, key, args.act_noise_std)
+        q_next = jnp.mean(critic_apply(agent.critic_target, b.next_obs, next_a), axis=0)
+        y = jax.lax.stop_gradient(b.returns + b.discount * (q_next - alpha * next_log_pi))
+        q = critic_apply(critic_params, b.obs, b.actions.reshape(B, chunk_dim))
+        return jnp.mean(b.critic_valid * (q - y) ** 2), q
+
+    def apply(agent: Agent, critic_grads, **updates) -> Agent:  # the target moves toward the critic before the step
+        target = optax.incremental_update(agent.critic.params, agent.critic_target, args.tau)
+        return agent.replace(critic=agent.critic.apply_gradients(grads=critic_grads), critic_target=target, **updates)
+
+    def flow_matching_step(agent: Agent, b, key):
+        k_next, k_x0, k_t = jax.random.split(key, 3)
+        (qf_loss, q), critic_grads = jax.value_and_grad(chunk_td_loss, has_aux=True)(agent.critic.params, agent, b, k_next)
+        x1 = b.actions if args.flow_target == "action" else jnp.arctanh(jnp.clip(b.actions, -0.999, 0.999))
+        x0 = jax.random.normal(k_x0, x1.shape)
+        t = jax.random.uniform(k_t, (B, 1))
+        x_t = (1.0 - t) * x0.reshape(B, chunk_dim) + t * x1.reshape(B, chunk_dim)
+        fm = lambda p: flow_matching_loss(velocity_apply(p, b.obs, x_t, t).reshape(x1.shape), x0, x1, b.valid)
+        flow_loss, actor_grads = jax.value_and_grad(fm)(agent.actor.params)
+        agent = apply(agent, critic_grads, actor=agent.actor.apply_gradients(grads=actor_grads))
+        return agent, {"qf_loss": qf_loss, "qf_values": jnp.mean(q), "flow_loss": flow_loss}
+
+    def eq12_step(agent: Agent, b, key, bc_weight):
+        k_next, k_pi = jax.random.split(key)
+        (qf_loss, q), critic_grads = jax.value_and_grad(chunk_td_loss, has_aux=True)(agent.critic.params, agent, b, k_next)
+        alpha = jnp.exp(agent.log_alpha.params["log_alpha"])
+
+        def actor_loss(params):  # Eq. 12, a = pi(s) reparameterised through the noisy rollout
+            a, log_pi = sample(params, b.obs, k_pi, args.noise_std)
+            q_pi = jnp.mean(critic_apply(agent.critic.params, b.obs, a), axis=0)
+            bc = bc_loss(a.reshape(b.actions.shape), b.actions, b.valid)
+            return bc_weight * bc + jnp.mean(alpha * log_pi - q_pi), (bc, jnp.mean(log_pi), jnp.mean(q_pi))
+
+        (loss, (bc, mean_log_pi, q_pi)), actor_grads = jax.value_and_grad(actor_loss, has_aux=True)(agent.actor.params)
+        temp_loss, alpha_grads = jax.value_and_grad(
+            lambda p: alpha_loss(p["log_alpha"], mean_log_pi, args.target_entropy, args.alpha_loss))(agent.log_alpha.params)
+        log_alpha = agent.log_alpha.apply_gradients(grads=alpha_grads) if args.autotune else agent.log_alpha
+        agent = apply(agent, critic_grads, actor=agent.actor.apply_gradients(grads=actor_grads), log_alpha=log_alpha)
+        return agent, {"qf_loss": qf_loss, "qf_values": jnp.mean(q), "actor_loss": loss, "bc_loss": bc, "q_pi": q_pi,
+                       "entropy": -mean_log_pi, "alpha": jnp.exp(log_alpha.params["log_alpha"]), "alpha_loss": temp_loss}
+
+    return flow_matching_step, eq12_step
+
+
+def make_updates(args: Args, act_dim: int, offline_bc: float, online_bc: float):
+    """The jitted offline and online updates, each drawing its batch of chunks from the device buffer (the
+    agent donated). offline: flow_matching_step, then with --schedule three-phase eq12_step on the same batch
+    (key split: key, batch, flow matching, Eq. 12); online: eq12_step (key split: key, batch, Eq. 12)."""
+    flow_matching_step, eq12_step = make_steps(args, act_dim)
+    with_flags = lambda info: {**info, "finite": finite_flags(info)}  # for check_metrics
+
+    def offline_update(agent: Agent, buf: SequenceBuffer):
+        key, k_batch, k_fm, k_eq12 = jax.random.split(agent.key, 4)
+        b = sample_chunks(buf, k_batch, args.batch_size, args.horizon, args.gamma)
+        agent, info = flow_matching_step(agent.replace(key=key), b, k_fm)
+        if args.schedule == "three-phase":
+            agent, eq12_info = eq12_step(agent, b, k_eq12, offline_bc)
+            info = {**eq12_info, "flow_loss": info["flow_loss"]}  # qf_* of the second critic step, as the authors log
+        return agent, with_flags(info)
+
+    def online_update(agent: Agent, buf: SequenceBuffer):
+        key, k_batch, k_eq12 = jax.random.split(agent.key, 3)
+        b = sample_chunks(buf, k_batch, args.batch_size, args.horizon, args.gamma)
+        agent, info = eq12_step(agent.replace(key=key), b, k_eq12, online_bc)
+        return agent, with_flags(info)
+
+    return jax.jit(offline_update, donate_argnums=0), jax.jit(online_update, donate_argnums=0)
+
+
+def make_act(args: Args, velocity_apply, act_dim: int):
+    """Jitted (params, obs, key) -> (the next H actions, key), sampled with --act-noise-std."""
+    sample = make_sampler(args, velocity_apply, args.horizon * act_dim)
+
+    def act(params, obs, key):
+        key, sub = jax.random.split(key)
+        return sample(params, obs[None], sub, args.act_noise_std)[0][0].reshape(args.horizon, act_dim), key
+
+    return jax.jit(act)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: offline steps on the dataset, then online env steps acting in chunks
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare_data(args: Args) -> tuple[dict, Optional[str], float]:
+    """The dataset's transitions, the run's Robomimic task (None when it is not one) and the shift added to every
+    reward, dataset and online: -1 for Robomimic (the authors' (0, 1) -> (-1, 0)) unless --no-robomimic-reward-shift."""
+    data = load_dataset(args.dataset, args.env_id, args.dataset_obs_keys)
+    if len(data["obs"]) < args.horizon:
+        raise ConfigError(f"--dataset holds {len(data['obs'])} transitions, fewer than one chunk of --horizon {args.horizon}")
+    robomimic = robomimic_task(args.env_id, args.dataset)
+    shift = -1.0 if robomimic is not None and args.robomimic_reward_shift else 0.0
+    data["rewards"] = data["rewards"] + np.float32(shift)
+    return data, robomimic, shift
+
+
+def train(args: Args) -> dict:
+    """TensorBoard steps: offline gradient step i is step i, online env step j is step offline_steps + j."""
+    from tensorboardX import SummaryWriter
+    from tqdm import tqdm
+
+    data, robomimic, shift = prepare_data(args)
+    offline_bc, online_bc, bc_source = bc_weights(args, task_family(args.env_id, robomimic))
+    n_data, obs_dim, act_dim = len(data["obs"]), data["obs"].shape[1], data["actions"].shape[1]
+    print(f"{n_data} transitions from {args.dataset}; chunks of {args.horizon} x {act_dim} actions; schedule {args.schedule}; "
+          f"BC weight {offline_bc:g} offline, {online_bc:g} online ({bc_source})"
+          + (f"; Robomimic {robomimic}: rewards shifted by {shift:g}" if robomimic is not None else ""))
+
+    k_agent, k_act, k_eval = jax.random.split(seed_everything(args.seed), 3)
+    agent = create_agent(args, obs_dim, args.horizon * act_dim, k_agent)
+    buf = sequence_buffer(data, n_data + args.online_steps)  # never overwrites: the dataset stays in it
+    offline_update, online_update = make_updates(args, act_dim, offline_bc, online_bc)
+    add = jax.jit(sequence_add, donate_argnums=0)
+    act = make_act(args, agent.actor.apply_fn, act_dim)
+    run_dir = os.path.join("runs", f"{args.env_id.replace('/', '_')}__{args.exp_name}-{args.velocity}__{args.seed}__{int(time.time())}")
+    env, eval_env = make_env(args.env_id, args.seed), make_env(args.env_id, args.seed + 10_000)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+
+    def evaluate_now(phase: str, step: int) -> str:
+        returns, successes = evaluate_chunks(eval_env, act, agent.actor.params, jax.random.fold_in(k_eval, step),
+                                             args.eval_episodes, args.seed + 10_000 + step, args.horizon)
+        writer.add_scalar(f"eval/{phase}_episodic_return", float(np.mean(returns)), step)
+        if successes is not None:
+            writer.add_scalar(f"eval/{phase}_success_rate", float(np.mean(successes)), step)
+        return f"{np.mean(returns):.1f}" + (f", success {np.mean(successes):.2f}" if successes is not None else "")
+
+    def log(info: dict, phase: str, step: int) -> None:
+        check_metrics(info, step, None)
+        for name, value in jax.device_get(info).items():
+            if name != "finite":
+                writer.add_scalar(f"losses/{phase}_{name}", float(value), step)
+
+    info, stopped, last_eval, episodes, n_updates, learn_start = None, None, {}, {"returns": [], "successes": []}, 0, None
+    start, offline_done = time.time(), 0
+    try:
+        with StopOnSignal() as stop:
+            bar = tqdm(total=args.offline_steps, disable=not args.progress, dynamic_ncols=True, unit="update", desc="offline")
+            for step in range(1, args.offline_steps + 1):
+                agent, info = offline_update(agent, buf)
+                offline_done = step
+                if step % args.log_every == 0:
+                    log(info, "offline", step)
+                    writer.add_scalar("charts/offline_updates_per_s", step / (time.time() - start), step)
+                    bar.set_postfix(flow_loss=f"{float(info['flow_loss']):.4f}", refresh=False)
+                if args.eval_episodes and (step % args.eval_every == 0 or step == args.offline_steps):
+                    last_eval["offline"] = evaluate_now("offline", step)
+                    bar.set_postfix(eval=last_eval["offline"], refresh=False)
+                bar.update(1)
+                if stop.signal:
+                    stopped = stop.signal
+                    break
+            bar.close()
+            offline_time, online_start = time.time() - start, time.time()
+
+            obs, queue = env.reset(seed=args.seed)[0], []
+            bar = tqdm(total=args.online_steps, disable=not args.progress or bool(stopped), dynamic_ncols=True, unit="step",
+                       desc="online")
+            for step in range(1, 0 if stopped else args.online_steps + 1):
+                log_step = args.offline_steps + step
+                if not queue:  # the whole chunk runs open-loop before the actor is asked again
+                    chunk, k_act = act(agent.actor.params, obs, k_act)
+                    queue = list(np.asarray(chunk))
+                action = queue.pop(0)
+                next_obs, reward, terminated, truncated, env_info = env.step(action)
+                buf = add(buf, obs, action, np.float32(reward + shift), next_obs, np.float32(terminated),
+                          np.float32(terminated or truncated))
+                obs = next_obs
+                if terminated or truncated:  # the env's own return (no shift), as the evaluations report
+                    episodes["returns"].append(float(env_info["episode"]["r"]))
+                    writer.add_scalar("charts/episodic_return", episodes["returns"][-1], log_step)
+                    writer.add_scalar("charts/episodic_length", int(env_info["episode"]["l"]), log_step)
+                    if "success" in env_info:
+                        episodes["successes"].append(float(env_info["success"]))
+                        writer.add_scalar("charts/success", episodes["successes"][-1], log_step)
+                    obs, queue = env.reset()[0], []
+                    bar.set_postfix(return_=f"{episodes['returns'][-1]:.1f}", refresh=False)
+                if step >= args.learning_starts:
+                    learn_start = learn_start or time.time()
+                    agent, info = online_update(agent, buf)
+                    n_updates += 1
+                    check_metrics(info, log_step, None)
+                if step % args.log_every == 0:
+                    writer.add_scalar("charts/SPS", int(step / (time.time() - online_start)), log_step)
+                    if n_updates:
+                        log(info, "online", log_step)
+                if args.eval_episodes and (step % args.eval_every == 0 or step == args.online_steps):
+                    last_eval["online"] = evaluate_now("online", log_step)
+                    bar.set_postfix(eval=last_eval["online"], refresh=False)
+                bar.update(1)
+                if stop.signal:
+                    stopped = stop.signal
+                    break
+            bar.close()
+    finally:
+        writer.close()
+        env.close()
+        eval_env.close()
+    jax.block_until_ready(agent)
+    learn_sps = n_updates / (time.time() - learn_start) if learn_start else float("nan")
+    print(f"{'stopped by ' + stopped if stopped else 'done'}: {offline_done} offline steps in {offline_time:.0f} s, "
+          f"{len(episodes['returns'])} online episodes ({learn_sps:.1f} env steps/s while learning); last evaluation "
+          f"offline {last_eval.get('offline', '-')}, online {last_eval.get('online', '-')}; logs in {run_dir}")
+    return {"run_dir": run_dir, "agent": agent, "buffer": buf, "n_data": n_data, "episodes": episodes, "last_eval": last_eval,
+            "bc_weights": (offline_bc, online_bc), "reward_shift": shift, "stopped": stopped,
+            "compiles": (offline_update._cache_size(), online_update._cache_size())}
+
+
+def main(argv=None) -> int:
+    import tyro
+
+    args = tyro.cli(Args, args=argv)
+    name = os.path.basename(__file__)
+    try:
+        check_args(args)
+        train(args)
+    except ConfigError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    except (Diverged, OSError) as e:  # OSError: a log that could not be written
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted twice: stopped at once", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""common/run.py on its own: metric tags, exit statuses, and a TrainingRun driven by a stand-in agent
+(logs per seed, a vector metric as one tag per entry, a signal that checkpoints and stops)."""
+
+import os
+import signal
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from common.checkpoint import Diverged, list_checkpoints, read_container
+from common.env import ConfigError
+from common.run import ExitStatus, TrainingRun, metric_scalars
+from helpers import read_scalars
+
+
+def test_metric_scalars_give_one_tag_per_entry_of_a_vector():
+    values = {"qf_loss": np.array([1.0, 2.0]), "grad_norms": np.array([[0.1, 0.2, 0.3], [4.0, 5.0, 6.0]]),
+              "q_values": np.array([[7.0], [8.0]])}
+    assert metric_scalars(values, 1) == [("losses/qf_loss", 2.0), ("grad/step_0", 4.0), ("grad/step_1", 5.0),
+                                         ("grad/step_2", 6.0), ("losses/q_values_0", 8.0)]
+
+
+@pytest.mark.parametrize("error,code,fragment", [
+    (ConfigError("--tau must be in [0.0, 1.0], got 2"), 2, "x.py: error: --tau must be in"),
+    (Diverged("losses/qf_loss", 7, None), 1, "x.py: error: losses/qf_loss became NaN or infinite at step 7"),
+    (OSError(28, "No space left on device"), 1, "x.py: error: [Errno 28] No space left on device"),
+    (KeyboardInterrupt(), 130, "x.py: interrupted twice: stopped without writing a checkpoint"),
+])
+def test_exit_status_is_one_line_per_kind_of_failure(capsys, error, code, fragment):
+    with ExitStatus("/somewhere/x.py") as status:
+        raise error
+    assert status.code == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(fragment), err
+
+
+def test_exit_status_is_0_and_a_bug_keeps_its_traceback():
+    with ExitStatus("x.py") as status:
+        pass
+    assert status.code == 0
+    with pytest.raises(ZeroDivisionError):
+        with ExitStatus("x.py"):
+            1 / 0
+
+
+@dataclass
+class RunArgs:
+    """The flags TrainingRun reads, as a script's Args has them."""
+
+    exp_name: str = "stand_in"
+    seed: int = 3
+    num_seeds: int = 2
+    env_id: str = "Hopper-v4"
+    total_timesteps: int = 60
+    buffer_size: int = 100
+    batch_size: int = 8
+    learning_starts: int = 20
+    eval_every: int = 1000
+    eval_episodes: int = 0
+    log_every: int = 10
+    save_model: bool = False
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    checkpoint_buffer: bool = True
+    debug_nans: bool = False
+    capture_video: bool = False
+    progress: bool = False
+
+
+def stand_in_agent(args, obs_dim, act_dim, key):
+    return {"w": jax.random.normal(key, (obs_dim, act_dim))}
+
+
+def test_a_run_logs_per_seed_and_a_signal_checkpoints_and_stops(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = RunArgs()
+    run = TrainingRun(args, "stand_in", "stand_in.py")
+    agent, k_act, buf, obs = run.init_state(stand_in_agent)
+    assert agent["w"].shape == (2, run.obs_dim, run.act_dim) and obs.shape == (2, run.obs_dim)
+    update = jax.jit(lambda a: a)
+    info = None
+    with run:
+        for step in run.steps():
+            transitions, obs, episodes = run.envs.step(obs, run.envs.random_actions())
+            buf = run.buffer_add(buf, *transitions)
+            if run.learns(step):
+                agent = update(agent)
+                metrics = {"loss": jnp.full(2, float(step)), "grad_norms": jnp.ones((2, 3)) * step}
+                info = {**metrics, "finite": jnp.ones((2, 2), bool)}
+                run.check_update(step, info)
+            run.log(step, episodes, info)
+            if step == 35:
+                os.kill(os.getpid(), signal.SIGINT)  # the run finishes the step, checkpoints and stops
+            if run.maybe_checkpoint(step, agent, k_act, buf, obs):
+                break
+    summary = run.finish(agent, update, (), {})
+    assert summary["stopped"] == "SIGINT" and run.step == 35 and summary["compiles"] == 1
+    assert "SIGINT: stopped after step 35" in capsys.readouterr().out
+    ((step, path),) = list_checkpoints(run.run_dir)
+    ckpt = read_container(path, "test")
+    assert step == 35 and ckpt["buffer"][1]["size"] == 35 and ckpt["meta"]["updates_from"] == 20
+    assert summary["log_dirs"] == [f"{run.run_dir}__s3", f"{run.run_dir}__s4"]
+    logs = read_scalars(summary["log_dirs"][1])
+    assert logs["losses/loss"] == [(30, 30.0)]  # logged from the first log step after learning starts
+    assert [logs[f"grad/step_{k}"] for k in range(3)] == [[(30, 30.0)]] * 3
+    assert [s for s, _ in logs["charts/SPS_window"]] == [10, 20, 30]
+
+
+def test_a_nan_metric_names_the_seed_and_closes_the_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = TrainingRun(RunArgs(), "stand_in", "stand_in.py")
+    run.init_state(stand_in_agent)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(Diverged, match="losses/loss of seed 4 became NaN or infinite at step 21"):
+        with run:
+            for step in run.steps():
+                if run.learns(step):
+                    run.check_update(step, {"loss": np.array([1.0, np.nan]), "finite": np.array([[True], [False]])})
+    assert signal.getsignal(signal.SIGINT) is before  # the handlers are restored
+    assert not list_checkpoints(run.run_dir)  # nothing written after a divergence
