@@ -123,7 +123,7 @@ def check_args(args: Args) -> None:
     check_run_args(args)  # the flags all scripts share, and the env id
 
 
-# JAX and the env libraries load after the arguments are checked, so bad input fails fast.
+# The learning libraries; everything above (arguments and their checks) needs only numpy and common.env.
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

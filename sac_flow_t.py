@@ -187,7 +187,7 @@ def check_args(args: Args) -> None:
     check_run_args(args)  # the flags all scripts share, and the env id
 
 
-# JAX and the env libraries load after the arguments are checked, so bad input fails fast.
+# The learning libraries; everything above (arguments and their checks) needs only numpy and common.env.
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -203,7 +203,7 @@ from common.seeds import seed_map  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
-# Critics: CrossQ's batch-renormalised MLPs, evaluated as one vmapped ensemble
+# Batch renormalisation (CrossQ's critics; the authors' actor)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -253,36 +253,6 @@ class BatchRenorm(nn.Module):
 
 def batch_renorm(args, train: bool, **kw) -> BatchRenorm:
     return BatchRenorm(train, args.bn_momentum, args.bn_eps, args.r_max, args.d_max, args.renorm_warmup, **kw)
-
-
-class QNetwork(nn.Module):
-    """One critic, CrossQ's layout: BRN on the input, then (Dense, ReLU, BRN) twice, then Dense 1."""
-
-    args: "Args"
-    train: bool
-
-    @nn.compact
-    def __call__(self, s, a):
-        norm = (lambda x: batch_renorm(self.args, self.train)(x)) if self.args.batch_norm else (lambda x: x)
-        x = norm(jnp.concatenate([s, a], axis=-1))
-        x = norm(nn.relu(nn.Dense(self.args.critic_width)(x)))
-        x = norm(nn.relu(nn.Dense(self.args.critic_width)(x)))
-        return nn.Dense(1)(x).squeeze(-1)
-
-
-class CriticEnsemble(nn.Module):
-    """`n_critics` independent critics as one vmapped module; returns Q of shape (n_critics, batch).
-
-    `train` selects batch statistics (and updates the running ones) or the running statistics."""
-
-    args: "Args"
-    train: bool
-
-    @nn.compact
-    def __call__(self, s, a):
-        ensemble = nn.vmap(QNetwork, variable_axes={"params": 0, "batch_stats": 0}, split_rngs={"params": True},
-                           in_axes=None, out_axes=0, axis_size=self.args.n_critics)
-        return ensemble(self.args, self.train)(s, a)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,6 +496,41 @@ def flow_rollout(step_fn, shape, key, steps: int, drift: str = "plain", step_noi
     if deterministic:
         return action, None, {"xs": xs}
     return action, path_log_prob(xs, means, stds, units_scale), {"xs": xs, "log_std": jnp.mean(jnp.stack(log_stds))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Critics: CrossQ's batch-renormalised MLPs, evaluated as one vmapped ensemble
+# ---------------------------------------------------------------------------------------------
+
+
+class QNetwork(nn.Module):
+    """One critic, CrossQ's layout: BRN on the input, then (Dense, ReLU, BRN) twice, then Dense 1."""
+
+    args: "Args"
+    train: bool
+
+    @nn.compact
+    def __call__(self, s, a):
+        norm = (lambda x: batch_renorm(self.args, self.train)(x)) if self.args.batch_norm else (lambda x: x)
+        x = norm(jnp.concatenate([s, a], axis=-1))
+        x = norm(nn.relu(nn.Dense(self.args.critic_width)(x)))
+        x = norm(nn.relu(nn.Dense(self.args.critic_width)(x)))
+        return nn.Dense(1)(x).squeeze(-1)
+
+
+class CriticEnsemble(nn.Module):
+    """`n_critics` independent critics as one vmapped module; returns Q of shape (n_critics, batch).
+
+    `train` selects batch statistics (and updates the running ones) or the running statistics."""
+
+    args: "Args"
+    train: bool
+
+    @nn.compact
+    def __call__(self, s, a):
+        ensemble = nn.vmap(QNetwork, variable_axes={"params": 0, "batch_stats": 0}, split_rngs={"params": True},
+                           in_axes=None, out_axes=0, axis_size=self.args.n_critics)
+        return ensemble(self.args, self.train)(s, a)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -474,3 +474,20 @@ def test_checkpoint_of_the_other_script_is_refused(tmp_path, monkeypatch, capsys
     monkeypatch.chdir(tmp_path)
     assert T.main(["--eval-only", "--checkpoint", str(foreign)]) == 2
     assert "was written by sac_flow_g, not sac_flow_t" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", [G, T])
+def test_model_file_of_the_earlier_actor_is_refused_saying_why(tmp_path, monkeypatch, capsys, module):
+    # A model file written before the authors' actor (no batch renormalisation, other log-std inputs): its
+    # config has none of the new settings, and its networks cannot be rebuilt.
+    from common.checkpoint import save_model
+
+    old_config = {"env_id": "Hopper-v4", "flow_steps": 4, "drift": "plain", "log_std_hidden": 512, "log_std_min": -5.0,
+                  "log_std_max": 2.0}
+    path = tmp_path / "old.msgpack"
+    save_model(str(path), module.ALGO, old_config, {"actor": {"params": {}}})
+    monkeypatch.chdir(tmp_path)
+    assert module.main(["--eval-only", "--checkpoint", str(path)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"was written by an older version of {module.ALGO}" in lines[0], lines
+    assert "--step-noise" in lines[0] and "--actor-batch-norm" in lines[0]
