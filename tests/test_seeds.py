@@ -82,7 +82,7 @@ def test_sharded_over_two_devices_equals_one_device(tmp_path, name):
     assert one.returncode == 0, one.stderr[-2000:]
     assert "on 1 device(s)" in one.stdout
     two = run_script(f"{name}.py", args + ["--exp-name", "two"], str(tmp_path),
-                     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+                     env={"XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"})
     assert two.returncode == 0, two.stderr[-2000:]
     assert "4 seeds (3 to 6) on 2 device(s)" in two.stdout and "update compiled 1 time(s)" in two.stdout
     a, b = final("one", tmp_path / "runs"), final("two", tmp_path / "runs")
