@@ -28,25 +28,19 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 
-from common.env import ConfigError, check_run_args
+from common.args import RunArgs
+from common.env import ConfigError, check_ranges, check_run_args
 
 
 @dataclass
-class Args:
+class Args(RunArgs):
+    """FlowRL: its hyperparameters after the run flags of common/args.py."""
+
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment (part of the run name)"""
-    seed: int = 1
-    """seed of the environment, numpy and JAX"""
-    num_seeds: int = 1
-    """train this many independent agents at once, seeded --seed, --seed + 1, ... (vmapped; sharded over all devices)"""
-    env_id: str = "Hopper-v4"
-    """Gymnasium MuJoCo id (e.g. Ant-v4) or dm_control task (e.g. dm_control/dog-run-v0)"""
-    total_timesteps: int = 1_000_000
-    """total environment steps"""
     buffer_size: int = 1_000_000
     """replay buffer capacity"""
     gamma: float = 0.99
@@ -79,45 +73,14 @@ class Args:
     """share of each batch drawn from the newest --recent-size transitions (the rest uniformly)"""
     recent_size: int = 2048
     """how many of the newest transitions the recent share is drawn from"""
-    eval_every: int = 10_000
-    """evaluate every this many env steps"""
-    eval_episodes: int = 5
-    """episodes per evaluation"""
     eval_deterministic: bool = False
     """evaluate from a0 = 0 instead of sampling a0 (the authors sample)"""
-    log_every: int = 1000
-    """write losses and SPS every this many env steps"""
-    save_model: bool = False
-    """save the trained parameters to runs/{run_name}/{exp_name}.msgpack"""
-    checkpoint_every: int = 100_000
-    """write a training checkpoint to runs/{run_name}/checkpoints every this many env steps and at the end
-    (0: only when stopped by Ctrl-C or SIGTERM)"""
-    keep_checkpoints: int = 2
-    """how many of the newest training checkpoints to keep"""
-    checkpoint_buffer: bool = True
-    """put the replay buffer (compressed) in checkpoints; without it a resumed run refills the buffer before updating"""
-    resume: Optional[str] = None
-    """continue the run of this training checkpoint, or of a run folder's newest one"""
-    debug_nans: bool = False
-    """turn on JAX's own NaN check (jax_debug_nans), which names the operation that made one"""
-    capture_video: bool = False
-    """record the first episode of each evaluation to runs/{run_name}/videos (with --eval-only: every episode)"""
-    eval_only: bool = False
-    """load --checkpoint, evaluate it for --eval-episodes and exit"""
-    checkpoint: Optional[str] = None
-    """a model file (--save-model), a training checkpoint or a run folder, for --eval-only"""
-    progress: bool = True
-    """show a progress bar on the terminal"""
 
 
 def check_args(args: Args) -> None:
     """Refuse impossible settings with one line, before anything is built or compiled."""
-    for name in ["learning_rate", "hidden_dim", "flow_steps", "policy_frequency", "lamda", "tau", "recent_size"]:
-        if getattr(args, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name, lo, hi in [("gamma", 0.0, 1.0), ("tau", 0.0, 1.0), ("recent_frac", 0.0, 1.0)]:
-        if not lo <= getattr(args, name) <= hi:
-            raise ConfigError(f"--{name.replace('_', '-')} must be in [{lo}, {hi}], got {getattr(args, name)}")
+    check_ranges(args, positive=["learning_rate", "hidden_dim", "flow_steps", "policy_frequency", "lamda", "tau", "recent_size"],
+                 unit=["gamma", "tau", "recent_frac"])
     if not 0.0 < args.expectile < 1.0:
         raise ConfigError(f"--expectile must be in (0, 1), got {args.expectile}")
     check_run_args(args)  # the flags all scripts share, and the env id

@@ -29,21 +29,15 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from common.env import ConfigError, check_run_args
+from common.args import RunArgs
+from common.env import ConfigError, check_ranges, check_run_args
 
 
 @dataclass
-class Args:
+class Args(RunArgs):
+    """SAC Flow-G from scratch: its hyperparameters after the run flags of common/args.py."""
+
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment (part of the run name)"""
-    seed: int = 1
-    """seed of the environment, numpy and JAX"""
-    num_seeds: int = 1
-    """train this many independent agents at once, seeded --seed, --seed + 1, ... (vmapped; sharded over all devices)"""
-    env_id: str = "Hopper-v4"
-    """Gymnasium MuJoCo id (e.g. Ant-v4) or dm_control task (e.g. dm_control/dog-run-v0)"""
-    total_timesteps: int = 1_000_000
-    """total environment steps"""
     buffer_size: int = 1_000_000
     """replay buffer capacity"""
     gamma: float = 0.99
@@ -117,56 +111,19 @@ class Args:
     """use a Polyak-averaged target critic (standard SAC) instead of CrossQ's joint pass without one"""
     tau: float = 0.005
     """target-network rate, with --target-network"""
-    eval_every: int = 10_000
-    """evaluate every this many env steps"""
-    eval_episodes: int = 5
-    """episodes per evaluation"""
     eval_deterministic: bool = True
     """evaluate with the noise off (x_0 = 0, no step noise); otherwise sample as when acting"""
-    log_every: int = 1000
-    """write losses and SPS every this many env steps"""
-    save_model: bool = False
-    """save the trained parameters to runs/{run_name}/{exp_name}.msgpack"""
-    checkpoint_every: int = 100_000
-    """write a training checkpoint to runs/{run_name}/checkpoints every this many env steps and at the end
-    (0: only when stopped by Ctrl-C or SIGTERM)"""
-    keep_checkpoints: int = 2
-    """how many of the newest training checkpoints to keep"""
-    checkpoint_buffer: bool = True
-    """put the replay buffer (compressed) in checkpoints; without it a resumed run refills the buffer before updating"""
-    resume: Optional[str] = None
-    """continue the run of this training checkpoint, or of a run folder's newest one"""
-    debug_nans: bool = False
-    """turn on JAX's own NaN check (jax_debug_nans), which names the operation that made one"""
-    capture_video: bool = False
-    """record the first episode of each evaluation to runs/{run_name}/videos (with --eval-only: every episode)"""
-    eval_only: bool = False
-    """load --checkpoint, evaluate it for --eval-episodes and exit"""
-    checkpoint: Optional[str] = None
-    """a model file (--save-model), a training checkpoint or a run folder, for --eval-only"""
-    progress: bool = True
-    """show a progress bar on the terminal"""
-
 
 
 def check_args(args: Args) -> None:
     """Refuse impossible settings with one line, before anything is built or compiled."""
-    positive = ["policy_lr", "q_lr", "alpha_lr", "alpha", "flow_steps",
-                "hidden_dim", "log_std_hidden", "n_critics", "critic_width", "policy_delay", "bn_eps"]
-    for name in positive:
-        if getattr(args, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    check_ranges(args, positive=["policy_lr", "q_lr", "alpha_lr", "alpha", "flow_steps", "hidden_dim", "log_std_hidden",
+                                 "n_critics", "critic_width", "policy_delay", "bn_eps"],
+                 nonnegative=["renorm_warmup"], fraction=["adam_b1", "bn_momentum"], unit=["gamma"])
     if args.time_emb_dim < 4 or args.time_emb_dim % 2:
         raise ConfigError(f"--time-emb-dim must be an even number >= 4, got {args.time_emb_dim}")
-    if args.renorm_warmup < 0:
-        raise ConfigError(f"--renorm-warmup must be >= 0, got {args.renorm_warmup}")
-    if not 0.0 <= args.gamma <= 1.0:
-        raise ConfigError(f"--gamma must be in [0.0, 1.0], got {args.gamma}")
     if not 0.0 < args.tau <= 1.0:
         raise ConfigError(f"--tau must be in (0.0, 1.0], got {args.tau}")
-    for name in ["adam_b1", "bn_momentum"]:
-        if not 0.0 <= getattr(args, name) < 1.0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be in [0.0, 1.0), got {getattr(args, name)}")
     if args.r_max < 1.0 or args.d_max < 0.0:
         raise ConfigError(f"--r-max must be >= 1 and --d-max >= 0, got {args.r_max} and {args.d_max}")
     if not args.log_std_min < args.log_std_max:
@@ -188,60 +145,13 @@ from flax.training.train_state import TrainState  # noqa: E402
 from common.buffer import ReplayBuffer, buffer_sample  # noqa: E402
 from common.checkpoint import finite_flags, restore_tree  # noqa: E402
 from common.env import action_scale  # noqa: E402
+from common.layers import BatchRenorm  # noqa: E402
 from common.run import ExitStatus, TrainingRun, eval_only, prepare_resume  # noqa: E402
 from common.seeds import seed_map  # noqa: E402
 
 
-# ---------------------------------------------------------------------------------------------
-# Batch renormalisation (CrossQ's critics; the authors' actor)
-# ---------------------------------------------------------------------------------------------
-
-
-class BatchRenorm(nn.Module):
-    """Batch renormalisation (Ioffe, 2017); Flax has none.
-
-    Training mode normalises with the batch statistics, corrected toward the running ones by
-    r = sigma_B / sigma_run (clipped to [1/r_max, r_max]) and d = (mu_B - mu_run) / sigma_run
-    (clipped to [-d_max, d_max]), both without gradient: x_hat = (x - mu_B) / sigma_B * r + d.
-    For the first `warmup` training-mode calls r = 1 and d = 0 (plain batch norm), as the running
-    statistics are poor early on; each layer counts its own calls, as the authors' layers do (a
-    critic layer is called once per update, an actor layer once per flow step of each actor update).
-    Evaluation mode uses the running statistics. Variances are the biased batch ones.
-    """
-
-    train: bool
-    momentum: float = 0.99
-    epsilon: float = 1e-3
-    r_max: float = 3.0
-    d_max: float = 5.0
-    warmup: int = 100_000
-
-    @nn.compact
-    def __call__(self, x):
-        features = x.shape[-1]
-        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
-        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
-        calls = self.variable("batch_stats", "calls", lambda: jnp.zeros((), jnp.int32))
-        scale = self.param("scale", nn.initializers.ones, (features,))
-        bias = self.param("bias", nn.initializers.zeros, (features,))
-        if not self.train:
-            return (x - ra_mean.value) / jnp.sqrt(ra_var.value + self.epsilon) * scale + bias
-        axes = tuple(range(x.ndim - 1))
-        mean, var = jnp.mean(x, axes), jnp.var(x, axes)
-        std = jnp.sqrt(var + self.epsilon)
-        ra_std = jnp.sqrt(ra_var.value + self.epsilon)
-        renorm = calls.value >= self.warmup
-        r = jnp.where(renorm, jax.lax.stop_gradient(jnp.clip(std / ra_std, 1.0 / self.r_max, self.r_max)), 1.0)
-        d = jnp.where(renorm, jax.lax.stop_gradient(jnp.clip((mean - ra_mean.value) / ra_std, -self.d_max, self.d_max)), 0.0)
-        if not self.is_initializing():
-            m = self.momentum
-            ra_mean.value = m * ra_mean.value + (1.0 - m) * jax.lax.stop_gradient(mean)
-            ra_var.value = m * ra_var.value + (1.0 - m) * jax.lax.stop_gradient(var)
-            calls.value = calls.value + 1
-        return ((x - mean) / std * r + d) * scale + bias
-
-
 def batch_renorm(args, train: bool, **kw) -> BatchRenorm:
+    """A batch-renormalisation layer (common/layers.py: CrossQ's critics, the authors' actor) with this run's flags."""
     return BatchRenorm(train, args.bn_momentum, args.bn_eps, args.r_max, args.d_max, args.renorm_warmup, **kw)
 
 

@@ -41,7 +41,7 @@ from flax.training.train_state import TrainState
 from common.buffer import SequenceBuffer, sample_chunks, sequence_add, sequence_buffer
 from common.checkpoint import Diverged, StopOnSignal, check_metrics, finite_flags
 from common.datasets import ROBOMIMIC_ID, load_dataset, robomimic_task
-from common.env import ConfigError, check_env_id, evaluate_chunks, make_env, seed_everything
+from common.env import ConfigError, check_env_id, check_ranges, evaluate_chunks, make_env, seed_everything
 
 
 @dataclass
@@ -167,20 +167,16 @@ def check_args(args: Args) -> None:
     """Refuse impossible settings with one line, before anything is built."""
     if args.dataset is None:
         raise ConfigError("--dataset is required: an OGBench .npz or a Robomimic .hdf5 (benchmarks/make_dataset.py makes one)")
-    positive = ["horizon", "batch_size", "lr", "n_critics", "critic_width", "critic_depth", "hidden_dim", "d_model",
-                "n_heads", "n_layers", "flow_steps", "noise_std", "act_noise_std", "alpha", "eval_every", "log_every"]
-    for name in positive:
-        if getattr(args, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["offline_steps", "online_steps", "learning_starts", "eval_episodes", "bc_weight", "online_bc_weight"]:
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    check_ranges(args, positive=["horizon", "batch_size", "lr", "n_critics", "critic_width", "critic_depth", "hidden_dim",
+                                 "d_model", "n_heads", "n_layers", "flow_steps", "noise_std", "act_noise_std", "alpha",
+                                 "eval_every", "log_every"],
+                 nonnegative=["offline_steps", "online_steps", "learning_starts", "eval_episodes", "bc_weight",
+                              "online_bc_weight"])
     if args.time_emb_dim < 4 or args.time_emb_dim % 2:
         raise ConfigError(f"--time-emb-dim must be an even number >= 4, got {args.time_emb_dim}")
     if args.d_model < 4 or args.d_model % args.n_heads:
         raise ConfigError(f"--d-model must be at least 4 and a multiple of --n-heads {args.n_heads}, got {args.d_model}")
-    if not 0.0 <= args.gamma <= 1.0:
-        raise ConfigError(f"--gamma must be in [0.0, 1.0], got {args.gamma}")
+    check_ranges(args, unit=["gamma"])
     if not 0.0 < args.tau <= 1.0:
         raise ConfigError(f"--tau must be in (0.0, 1.0], got {args.tau}")
     if ROBOMIMIC_ID.fullmatch(args.env_id):

@@ -33,15 +33,23 @@ def check_run_flags(args) -> None:
         raise ConfigError(f"--resume {args.resume!r} does not exist (give a checkpoint file or a run folder)")
 
 
+def check_ranges(args, positive=(), nonnegative=(), fraction=(), unit=()) -> None:
+    """Refuse in one line the first flag outside its range: `positive` > 0, `nonnegative` >= 0, `fraction`
+    in [0, 1) (momenta, Adam's beta1), `unit` in [0, 1] (discounts, mixing shares)."""
+    rules = [(positive, lambda v: v > 0, "positive"), (nonnegative, lambda v: v >= 0, ">= 0"),
+             (fraction, lambda v: 0 <= v < 1, "in [0.0, 1.0)"), (unit, lambda v: 0 <= v <= 1, "in [0.0, 1.0]")]
+    for names, ok, allowed in rules:
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not ok(value):
+                raise ConfigError(f"--{name.replace('_', '-')} must be {allowed}, got {value}")
+
+
 def check_run_args(args) -> None:
     """The flags every training script has (run length, buffer, batch, logging, evaluation, checkpoints, where
     the run comes from, the env id), refused in one line; a script checks its own hyperparameters besides."""
-    for name in ["num_seeds", "total_timesteps", "buffer_size", "batch_size", "eval_every", "log_every"]:
-        if getattr(args, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["learning_starts", "eval_episodes", "checkpoint_every"]:
-        if getattr(args, name) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    check_ranges(args, positive=["num_seeds", "total_timesteps", "buffer_size", "batch_size", "eval_every", "log_every"],
+                 nonnegative=["learning_starts", "eval_episodes", "checkpoint_every"])
     if args.keep_checkpoints < 1:
         raise ConfigError(f"--keep-checkpoints must be at least 1, got {args.keep_checkpoints}")
     if args.batch_size > args.buffer_size:
