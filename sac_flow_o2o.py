@@ -42,6 +42,7 @@ from common.buffer import SequenceBuffer, sample_chunks, sequence_add, sequence_
 from common.checkpoint import Diverged, StopOnSignal, check_metrics, finite_flags
 from common.datasets import ROBOMIMIC_ID, load_dataset, robomimic_task
 from common.env import ConfigError, check_env_id, check_ranges, evaluate_chunks, make_env, seed_everything
+from common.tracking import RunWriter, check_tracking
 
 
 @dataclass
@@ -52,6 +53,12 @@ class Args:
     """the name of this experiment (part of the run name, with the velocity)"""
     seed: int = 1
     """seed of the environments, numpy and JAX"""
+    track: bool = False
+    """also log to Weights & Biases (needs `pip install wandb`; offline: WANDB_MODE=offline)"""
+    wandb_project_name: str = "flow-rl-jax"
+    """the wandb project, with --track"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team or user), with --track; None: your default entity"""
     env_id: str = "cube-double-singletask-task2-v0"
     """the online env: an OGBench single-task id or a Gymnasium MuJoCo id whose sizes match the dataset"""
     dataset: Optional[str] = None
@@ -182,6 +189,7 @@ def check_args(args: Args) -> None:
     if ROBOMIMIC_ID.fullmatch(args.env_id):
         raise ConfigError(f"--env-id {args.env_id!r} is a Robomimic task, whose simulator (robosuite) is not wired into this "
                           "script; its .hdf5 runs with a Gymnasium or OGBench --env-id of the same sizes")
+    check_tracking(args)
     check_env_id(args.env_id)
 
 
@@ -636,7 +644,6 @@ def prepare_data(args: Args) -> tuple[dict, Optional[str], float]:
 
 def train(args: Args) -> dict:
     """TensorBoard steps: offline gradient step i is step i, online env step j is step offline_steps + j."""
-    from tensorboardX import SummaryWriter
     from tqdm import tqdm
 
     data, robomimic, shift = prepare_data(args)
@@ -654,7 +661,7 @@ def train(args: Args) -> dict:
     act = make_act(args, agent.actor.apply_fn, act_dim)
     run_dir = os.path.join("runs", f"{args.env_id.replace('/', '_')}__{args.exp_name}-{args.velocity}__{args.seed}__{int(time.time())}")
     env, eval_env = make_env(args.env_id, args.seed), make_env(args.env_id, args.seed + 10_000)
-    writer = SummaryWriter(run_dir)
+    writer = RunWriter(run_dir, args, asdict(args))  # TensorBoard, and wandb with --track
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
     def evaluate_now(phase: str, step: int) -> str:

@@ -17,6 +17,12 @@ class RunArgs:
     """the name of this experiment (part of the run name)"""
     seed: int = 1
     """seed of the environment, numpy and JAX"""
+    track: bool = False
+    """also log to Weights & Biases (one wandb run per seed; needs `pip install wandb`; offline: WANDB_MODE=offline)"""
+    wandb_project_name: str = "flow-rl-jax"
+    """the wandb project, with --track"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team or user), with --track; None: your default entity"""
     num_seeds: int = 1
     """train this many independent agents at once, seeded --seed, --seed + 1, ... (vmapped; sharded over all devices)"""
     env_id: str = "Hopper-v4"

@@ -289,7 +289,7 @@ def adopt_saved_args(args, saved: dict, defaults, names, flag: str, may_change=(
 # A resumed run keeps the checkpoint's arguments; these may be given anew. The display and where the
 # run comes from are never taken from the checkpoint.
 MAY_CHANGE_ON_RESUME = ("total_timesteps", "checkpoint_every", "keep_checkpoints", "checkpoint_buffer", "debug_nans",
-                        "capture_video")
+                        "capture_video", "track", "wandb_project_name", "wandb_entity")
 NOT_RESUMED = ("progress", "resume", "eval_only", "checkpoint")
 
 

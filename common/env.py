@@ -14,6 +14,8 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common.tracking import check_tracking  # noqa: E402
+
 
 class ConfigError(ValueError):
     """Bad user input: the scripts print its message as one line and exit with status 2."""
@@ -55,6 +57,7 @@ def check_run_args(args) -> None:
     if args.batch_size > args.buffer_size:
         raise ConfigError(f"--batch-size {args.batch_size} is above --buffer-size {args.buffer_size}; it must be at most the buffer size")
     check_run_flags(args)
+    check_tracking(args)
     check_env_id(args.env_id)
 
 

@@ -41,6 +41,7 @@ from common.checkpoint import (Diverged, StopOnSignal, adopt_saved_args, check_m
                                save_checkpoint, save_model, training_checkpoint, video_dir)
 from common.env import ConfigError, SeedEnvs, check_env_id, env_dims, evaluate, seed_everything
 from common.seeds import check_buffer_memory, per_seed, seed_map, seed_sharding
+from common.tracking import RunWriter
 
 # A metric that is a vector per seed is logged one scalar per entry, as `{prefix}{k}`. SAC Flow's
 # norms of the actor gradient at each flow step x_k go under grad/; any other vector under losses/.
@@ -153,13 +154,14 @@ class TrainingRun:
         return self.on_seeds(state["agent"]), self.on_seeds(state["k_act"]), self.on_seeds(buf), obs
 
     def _open_logs(self):
-        from tensorboardX import SummaryWriter
-
         resumed, start = self.resume is not None, self.start_step
         # purge_step hides anything a crashed run logged after the checkpoint, so no step appears twice; the
         # suffix keeps a resumed session from reusing (and truncating) an event file of the same second.
-        self.writers = [SummaryWriter(log_dir, purge_step=start + 1 if resumed else None,
-                                      filename_suffix=f".from{start}" if resumed else "") for log_dir in self.log_dirs]
+        # With --track each seed's writer also logs to its own wandb run, continued on resume.
+        config = asdict(self.args)
+        self.writers = [RunWriter(log_dir, self.args, {**config, "agent_seed": seed}, purge_step=start + 1 if resumed else None,
+                                  filename_suffix=f".from{start}" if resumed else "")
+                        for log_dir, seed in zip(self.log_dirs, self.seeds)]
         if not resumed:
             table = "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(self.args).items())
             for seed, writer in zip(self.seeds, self.writers):

@@ -62,3 +62,62 @@ def assert_same_tree(a, b, path: str = "") -> None:
         assert isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), path
     else:
         assert a == b, (path, a, b)
+
+
+def read_wandb_offline(path: str) -> dict:
+    """What an offline wandb run file (`run-{id}.wandb`) holds, read with our own parser of its record log
+    (LevelDB's log format: 32 KiB blocks of records with a 7-byte header, after a 7-byte file header
+    ':W&B' 0xBEE1 version), each record a wandb `Record` protobuf: {"id", "config", "history": [(step, {key:
+    value})]}."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B", data[:7]
+    block, pos, chunks, records = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:
+            break
+        chunks += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            records.append(chunks)
+            chunks = b""
+    out = {"id": None, "config": {}, "history": []}
+    for raw in records:
+        record = pb.Record()
+        record.ParseFromString(raw)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            out["id"] = record.run.run_id
+            out["config"].update({u.key: json.loads(u.value_json) for u in record.run.config.update})
+        elif kind == "history":
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            out["history"].append((int(record.history.step.num), items))
+    return out
+
+
+def wandb_offline_runs(log_dir: str) -> list[dict]:
+    """Every offline wandb run file under a log folder, oldest session first (read_wandb_offline)."""
+    return [read_wandb_offline(f) for f in sorted(glob.glob(os.path.join(log_dir, "wandb", "offline-run-*", "run-*.wandb")))]
+
+
+def assert_wandb_matches_tensorboard(log_dir: str, tags, config: dict) -> None:
+    """A --track run's wandb history holds every one of `tags` at the same steps and values as TensorBoard,
+    and its config the given arguments."""
+    import pytest
+
+    (run,) = wandb_offline_runs(log_dir)
+    assert run["id"] == os.path.basename(log_dir)
+    assert {k: run["config"].get(k) for k in config} == config
+    tensorboard = read_scalars(log_dir)
+    for tag in tags:
+        logged = [(step, items[tag]) for step, items in run["history"] if tag in items]
+        assert logged and [s for s, _ in logged] == [s for s, _ in tensorboard[tag]], tag
+        assert [v for _, v in logged] == pytest.approx([v for _, v in tensorboard[tag]], rel=1e-6), tag

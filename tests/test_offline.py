@@ -21,7 +21,7 @@ from benchmarks import make_dataset
 from common.buffer import ChunkBatch, sample_chunks, sequence_add, sequence_buffer
 from common.datasets import load_dataset, robomimic_task
 from common.env import ConfigError
-from helpers import all_finite, only_run_dir, read_scalars, run_script
+from helpers import all_finite, assert_wandb_matches_tensorboard, only_run_dir, read_scalars, run_script
 
 CUBE = "cube-double-singletask-task2-v0"
 TINY = {"gated": dict(hidden_dim=16, time_emb_dim=8), "decoded": dict(d_model=16, n_heads=2, n_layers=1)}
@@ -451,8 +451,9 @@ def test_pretraining_fits_the_demonstrations(velocity, data_dir):
 
 def test_gated_three_phase_offline_then_online_from_the_command_line(data_dir, tmp_path):
     r = run_script("sac_flow_o2o.py", ["--env-id", CUBE, "--dataset", str(data_dir / "cube.hdf5"), *E2E, "--velocity", "gated",
-                                       "--hidden-dim", "16", "--time-emb-dim", "8"], cwd=tmp_path,
-                   env={"XLA_FLAGS": "--xla_backend_optimization_level=0"})  # compiles a quarter faster; these networks are tiny
+                                       "--hidden-dim", "16", "--time-emb-dim", "8", "--track"], cwd=tmp_path,
+                   # XLA: compiles a quarter faster, these networks are tiny; wandb offline (no network here)
+                   env={"XLA_FLAGS": "--xla_backend_optimization_level=0", "WANDB_MODE": "offline"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "BC weight 300 offline, 300 online (the paper's Table 4 for cube-double)" in r.stdout
     s = read_scalars(only_run_dir(tmp_path))
@@ -466,6 +467,9 @@ def test_gated_three_phase_offline_then_online_from_the_command_line(data_dir, t
         assert [p[0] for p in s[f"eval/offline_{tag}"]] == [150]
         assert [p[0] for p in s[f"eval/online_{tag}"]] == [300]
     assert s["charts/SPS"] and s["charts/offline_updates_per_s"]
+    assert_wandb_matches_tensorboard(only_run_dir(tmp_path), ["losses/offline_flow_loss", "losses/online_qf_loss",
+                                                              "eval/online_episodic_return", "charts/episodic_return"],
+                                     {"velocity": "gated", "schedule": "three-phase"})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 
 import os
 import signal
+import sys
 from dataclasses import dataclass
 
 import jax
@@ -10,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from common.args import RunArgs
 from common.checkpoint import Diverged, list_checkpoints, read_container
 from common.env import ConfigError
 from common.run import ExitStatus, TrainingRun, metric_scalars
-from helpers import read_scalars
+from helpers import read_scalars, wandb_offline_runs
 
 
 def test_metric_scalars_give_one_tag_per_entry_of_a_vector():
@@ -47,27 +49,22 @@ def test_exit_status_is_0_and_a_bug_keeps_its_traceback():
 
 
 @dataclass
-class RunArgs:
+class StandInArgs(RunArgs):
     """The flags TrainingRun reads, as a script's Args has them."""
 
     exp_name: str = "stand_in"
     seed: int = 3
     num_seeds: int = 2
-    env_id: str = "Hopper-v4"
     total_timesteps: int = 60
-    buffer_size: int = 100
-    batch_size: int = 8
-    learning_starts: int = 20
     eval_every: int = 1000
     eval_episodes: int = 0
     log_every: int = 10
-    save_model: bool = False
     checkpoint_every: int = 0
-    keep_checkpoints: int = 2
-    checkpoint_buffer: bool = True
-    debug_nans: bool = False
-    capture_video: bool = False
     progress: bool = False
+    wandb_project_name: str = "tests"
+    buffer_size: int = 100
+    batch_size: int = 8
+    learning_starts: int = 20
 
 
 def stand_in_agent(args, obs_dim, act_dim, key):
@@ -76,7 +73,7 @@ def stand_in_agent(args, obs_dim, act_dim, key):
 
 def test_a_run_logs_per_seed_and_a_signal_checkpoints_and_stops(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    args = RunArgs()
+    args = StandInArgs()
     run = TrainingRun(args, "stand_in", "stand_in.py")
     agent, k_act, buf, obs = run.init_state(stand_in_agent)
     assert agent["w"].shape == (2, run.obs_dim, run.act_dim) and obs.shape == (2, run.obs_dim)
@@ -111,7 +108,7 @@ def test_a_run_logs_per_seed_and_a_signal_checkpoints_and_stops(tmp_path, monkey
 
 def test_a_nan_metric_names_the_seed_and_closes_the_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    run = TrainingRun(RunArgs(), "stand_in", "stand_in.py")
+    run = TrainingRun(StandInArgs(), "stand_in", "stand_in.py")
     run.init_state(stand_in_agent)
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(Diverged, match="losses/loss of seed 4 became NaN or infinite at step 21"):
@@ -121,3 +118,66 @@ def test_a_nan_metric_names_the_seed_and_closes_the_run(tmp_path, monkeypatch):
                     run.check_update(step, {"loss": np.array([1.0, np.nan]), "finite": np.array([[True], [False]])})
     assert signal.getsignal(signal.SIGINT) is before  # the handlers are restored
     assert not list_checkpoints(run.run_dir)  # nothing written after a divergence
+
+
+def stand_in_run(args, resume=None, stop_at=None):
+    """The loop of test_a_run_logs_per_seed_and_a_signal_checkpoints_and_stops, with a loss of `step` per
+    seed; a SIGINT at `stop_at`."""
+    run = TrainingRun(args, "stand_in", "stand_in.py", resume)
+    agent, k_act, buf, obs = run.init_state(stand_in_agent)
+    info = None
+    with run:
+        for step in run.steps():
+            transitions, obs, episodes = run.envs.step(obs, run.envs.random_actions())
+            buf = run.buffer_add(buf, *transitions)
+            if run.learns(step):
+                info = {"loss": jnp.full(2, float(step)), "finite": jnp.ones((2, 1), bool)}
+                run.check_update(step, info)
+            run.log(step, episodes, info)
+            if step == stop_at:
+                os.kill(os.getpid(), signal.SIGINT)
+            if run.maybe_checkpoint(step, agent, k_act, buf, obs):
+                break
+    return run.finish(agent, jax.jit(lambda a: a), (), {})
+
+
+def test_track_logs_each_seed_to_its_wandb_run_and_a_resumed_run_continues_it(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from common.checkpoint import read_resume
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    args = StandInArgs(track=True)
+    first = stand_in_run(args, stop_at=35)
+    assert first["stopped"] == "SIGINT"
+    resumed = StandInArgs(track=True, resume=first["run_dir"])
+    second = stand_in_run(resumed, resume=read_resume(resumed, "stand_in", StandInArgs()))
+    assert second["stopped"] is None
+
+    for seed, log_dir in zip([3, 4], second["log_dirs"]):
+        sessions = wandb_offline_runs(log_dir)
+        assert len(sessions) == 2 and {s["id"] for s in sessions} == {os.path.basename(log_dir)}  # one wandb run, continued
+        assert sessions[0]["config"]["agent_seed"] == seed and sessions[0]["config"]["env_id"] == "Hopper-v4"
+        steps = [[step for step, _ in s["history"]] for s in sessions]
+        assert max(steps[0]) <= 35 < min(steps[1])  # no step twice
+        losses = [(step, items["losses/loss"]) for s in sessions for step, items in s["history"] if "losses/loss" in items]
+        assert losses == [(30, 30.0), (40, 40.0), (50, 50.0), (60, 60.0)]
+        tensorboard = read_scalars(log_dir)
+        for tag in ["charts/episodic_return", "charts/SPS"]:
+            logged = [(step, items[tag]) for s in sessions for step, items in s["history"] if tag in items]
+            assert [step for step, _ in logged] == [step for step, _ in tensorboard[tag]], tag
+            assert [v for _, v in logged] == pytest.approx([v for _, v in tensorboard[tag]], rel=1e-6), tag
+
+
+@pytest.mark.parametrize("script", ["flowrl_jax", "sac_flow_g", "sac_flow_t", "sac_flow_o2o"])
+def test_track_without_wandb_is_refused_in_one_line(script, tmp_path, monkeypatch, capsys):
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now fails as if it were not installed
+    module = importlib.import_module(script)
+    argv = ["--track"] + (["--dataset", "data.npz"] if script == "sac_flow_o2o" else [])
+    assert module.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"{script}.py: error: --track logs to Weights & Biases, which is not installed here: pip install wandb"
+    assert not os.path.exists(tmp_path / "runs")

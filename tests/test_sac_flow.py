@@ -13,7 +13,7 @@ from scipy import stats
 
 import sac_flow_g as G
 import sac_flow_t as T
-from helpers import all_finite, only_run_dir, read_scalars, run_script
+from helpers import all_finite, assert_wandb_matches_tensorboard, only_run_dir, read_scalars, run_script
 
 # ---------------------------------------------------------------------------------------------
 # Path log-density
@@ -385,7 +385,8 @@ RUNS = {
 @pytest.mark.parametrize("name", list(RUNS))
 def test_short_run_learns_logs_saves_and_reloads(tmp_path, name):
     script, extra = RUNS[name]
-    result = run_script(script, TINY + extra, cwd=tmp_path)
+    track = ["--track"] if name == "gated" else []  # also to wandb, offline (no network here)
+    result = run_script(script, TINY + extra + track, cwd=tmp_path, env={"WANDB_MODE": "offline"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "update compiled 1 time(s)" in result.stdout  # one compiled update for the whole run
 
@@ -402,6 +403,8 @@ def test_short_run_learns_logs_saves_and_reloads(tmp_path, name):
     alphas = [v for _, v in scalars["losses/alpha"]]
     assert alphas[-1] != pytest.approx(0.2, abs=1e-4)  # autotuned away from its initial value
     assert all(v > 0 for v in alphas)
+    if track:
+        assert_wandb_matches_tensorboard(run_dir, tags, {"env_id": "Hopper-v4", "hidden_dim": 32, "agent_seed": 1})
 
     model = os.path.join(run_dir, f"{script[:-3]}.msgpack")
     assert os.path.isfile(model)
