@@ -190,7 +190,7 @@ def check_args(args: Args) -> None:
         raise ConfigError(f"--env-id {args.env_id!r} is a Robomimic task, whose simulator (robosuite) is not wired into this "
                           "script; its .hdf5 runs with a Gymnasium or OGBench --env-id of the same sizes")
     check_tracking(args)
-    check_env_id(args.env_id)
+    check_env_id(args.env_id, ogbench=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Generate a small demonstration dataset for --offline-dataset, in OGBench's .npz or Robomimic's .hdf5 layout.
+"""Generate a small demonstration dataset for sac_flow_o2o.py --dataset, in OGBench's .npz or Robomimic's .hdf5 layout.
 
 The official datasets (OGBench's cube-double-play-v0 and the like, Robomimic's MH low-dim files) are
 downloaded by their own tools (see the README); this script makes small ones wherever no download

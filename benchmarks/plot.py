@@ -1,4 +1,4 @@
-"""Learning curves from TensorBoard logs: mean and 95% bootstrap interval across seeds.
+"""Learning curves from TensorBoard logs: interquartile mean and 95% bootstrap interval across seeds (rliable).
 
     python benchmarks/plot.py                                   # the committed CPU runs -> benchmarks/results
     python benchmarks/plot.py --runs runs --out my_results      # your own runs (e.g. from benchmarks/run.py)
@@ -9,7 +9,10 @@ seed counts). For each task it draws `eval/episodic_return` and
 `charts/episodic_return` against env steps, one line per script, with the published results of
 REFERENCE.md section 3 as labelled dashed lines (the paper's own evaluation returns on the left,
 CleanRL's training returns on the right, all at 1M steps), and writes `final_returns.md`: the last
-evaluation and the last training-return bin per seed, mean +- std and interquartile mean.
+evaluation and the last training-return bin per seed, mean +- std and interquartile mean. The IQM and the
+intervals are rliable's (Agarwal et al. 2021): at each point the IQM over seeds and its 95% percentile
+bootstrap interval (stratified by task, here one task per figure). Scores across tasks, normalised:
+benchmarks/aggregate.py.
 A `MACHINE` file in the runs folder (one line) is added to every title so a figure always says
 where its runs came from.
 """
@@ -19,9 +22,13 @@ from __future__ import annotations
 import collections
 import glob
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
+
+# rliable passes arch a RandomState, which arch 7 warns about on every call.
+warnings.filterwarnings("ignore", category=FutureWarning, module="arch")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,20 +69,31 @@ def read_scalars(run_dir: str, tags) -> dict:
     return {t: np.array([(e.step, e.value) for e in acc.Scalars(t)]) for t in tags if t in have}
 
 
-def bootstrap_ci(values: np.ndarray, n: int = 2000, seed: int = 0):
-    """95% bootstrap interval of the mean over seeds (axis 0)."""
-    if values.shape[0] < 2:
-        return values[0], values[0]
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, values.shape[0], (n, values.shape[0]))
-    means = values[idx].mean(axis=1)
-    return np.percentile(means, 2.5, axis=0), np.percentile(means, 97.5, axis=0)
+def seeded(seed: int) -> np.random.RandomState:
+    """The random_state for rliable, with numpy's global RNG seeded too: rliable 1.2's StratifiedBootstrap draws
+    its resampled runs from np.random, not from the random_state it is given, so only this makes it repeatable."""
+    np.random.seed(seed)
+    return np.random.RandomState(seed)
+
+
+def iqm_curve(values: np.ndarray, reps: int = 2000, seed: int = 0):
+    """rliable's IQM over seeds (axis 0) at each point (axis 1), with its 95% stratified bootstrap interval:
+    (iqm, low, high), each of shape (points,)."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    scores = values[:, None, :]  # (runs, tasks = 1, points)
+    per_point = lambda s: np.array([metrics.aggregate_iqm(s[..., j]) for j in range(s.shape[-1])])
+    point, interval = rly.get_interval_estimates({"x": scores}, per_point, reps=reps,
+                                                 random_state=seeded(seed))
+    return point["x"], interval["x"][0], interval["x"][1]
 
 
 def iqm(x: np.ndarray) -> float:
-    x = np.sort(x)
-    lo, hi = int(np.floor(0.25 * len(x))), int(np.ceil(0.75 * len(x)))
-    return float(np.mean(x[lo:hi])) if hi > lo else float(np.mean(x))
+    """rliable's interquartile mean of a set of runs' scores."""
+    from rliable import metrics
+
+    return float(metrics.aggregate_iqm(np.asarray(x, dtype=float)[:, None]))
 
 
 def on_grid(curves: list[np.ndarray], grid: np.ndarray) -> np.ndarray:
@@ -152,8 +170,8 @@ def main() -> None:
                 grid = np.unique(np.concatenate([c[:, 0] for c in evals]))
                 grid = grid[grid <= last]
                 ys = on_grid(evals, grid)
-                lo, hi = bootstrap_ci(ys)
-                axes[0].plot(grid, ys.mean(0), marker="o", ms=3, label=f"{script} ({seeds(len(evals))})")
+                mid, lo, hi = iqm_curve(ys)
+                axes[0].plot(grid, mid, marker="o", ms=3, label=f"{script} ({seeds(len(evals))})")
                 axes[0].fill_between(grid, lo, hi, alpha=0.25)
                 eval_cell, steps = mean_sd_iqm(ys[:, -1]), int(grid[-1])
             if trains:
@@ -161,8 +179,8 @@ def main() -> None:
                 edges = np.linspace(0, last, args.bins + 1)
                 ys = np.stack([binned(c, edges)[:, 1] for c in trains])
                 centres = (edges[:-1] + edges[1:]) / 2
-                lo, hi = bootstrap_ci(ys)
-                axes[1].plot(centres, ys.mean(0), label=f"{script} ({seeds(len(trains))})")
+                mid, lo, hi = iqm_curve(ys)
+                axes[1].plot(centres, mid, label=f"{script} ({seeds(len(trains))})")
                 axes[1].fill_between(centres, lo, hi, alpha=0.25)
                 train_cell, steps = mean_sd_iqm(ys[:, -1]), max(steps, int(last))
             table.append(f"| {env_id} | {script} | {len(dirs)} | {steps} | {eval_cell} | {train_cell} |")
@@ -172,7 +190,7 @@ def main() -> None:
                 ax.axhline(value, ls="--", lw=1, color=f"C{i + 5}", label=label)
             ax.set_xlabel("environment steps")
             ax.set_ylabel(f"{what} (sum of rewards per episode)")
-            ax.set_title(f"{what}: mean and 95% bootstrap CI over seeds", fontsize=10)
+            ax.set_title(f"{what}: IQM and 95% bootstrap CI over seeds (rliable)", fontsize=10)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8, loc="best")
         fig.suptitle(env_id + (f"  ({note})" if note else ""), fontsize=12)

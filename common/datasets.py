@@ -1,4 +1,4 @@
-"""Demonstration datasets for the offline-to-online pipeline (`--offline-dataset`).
+"""Demonstration datasets for the offline-to-online pipeline (`--dataset`).
 
 Two layouts are read, each by its own loader:
 - OGBench `.npz`: `observations` (N, obs), `actions` (N, act) and `terminals` (N,), where terminals
@@ -57,19 +57,19 @@ def raw_env_spaces(env_id: str):
 def load_dataset(path: str, env_id: str, obs_keys: tuple[str, ...] | None = None) -> dict:
     """Read `path` (.npz or .hdf5/.h5), check it against `env_id` and return its transitions."""
     if not os.path.isfile(path):
-        raise ConfigError(f"--offline-dataset {path!r} does not exist")
+        raise ConfigError(f"--dataset {path!r} does not exist")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".npz":
         data = load_ogbench_npz(path, env_id)
     elif ext in (".hdf5", ".h5"):
         data = load_robomimic_hdf5(path, obs_keys)
     else:
-        raise ConfigError(f"--offline-dataset {path!r}: unknown extension {ext!r}; use an OGBench .npz or a Robomimic .hdf5")
+        raise ConfigError(f"--dataset {path!r}: unknown extension {ext!r}; use an OGBench .npz or a Robomimic .hdf5")
     return check_against_env(data, path, env_id)
 
 
 def _bad(path: str, what: str) -> ConfigError:
-    return ConfigError(f"--offline-dataset {path!r}: {what}")
+    return ConfigError(f"--dataset {path!r}: {what}")
 
 
 def load_ogbench_npz(path: str, env_id: str) -> dict:
@@ -177,7 +177,7 @@ def load_robomimic_hdf5(path: str, obs_keys: tuple[str, ...] | None) -> dict:
             ends[-1:] = 1.0
             for field, value in zip(FIELDS, (obs, actions, rewards, next_obs, dones, ends)):
                 parts[field].append(value)
-    print(f"--offline-dataset: {len(demos)} Robomimic demos, observation = {' + '.join(obs_keys)}")
+    print(f"--dataset: {len(demos)} Robomimic demos, observation = {' + '.join(obs_keys)}")
     return {f: np.concatenate(v) for f, v in parts.items()}
 
 

@@ -64,9 +64,16 @@ def check_run_args(args) -> None:
 _EXAMPLES = (
     "a Gymnasium MuJoCo id (Ant-v4, HalfCheetah-v4, Hopper-v4, Walker2d-v4, Humanoid-v4, "
     "HumanoidStandup-v4, Swimmer-v4, or their -v5) or a dm_control task as "
-    "dm_control/<domain>-<task>-v0 (e.g. dm_control/dog-run-v0); with --offline-dataset also an OGBench "
-    "single-task env (e.g. cube-double-singletask-task2-v0)"
+    "dm_control/<domain>-<task>-v0 (e.g. dm_control/dog-run-v0)"
 )
+_OGBENCH_EXAMPLE = ", or an OGBench single-task env (e.g. cube-double-singletask-task2-v0)"
+
+
+def _runnable(env_id: str) -> bool:
+    """Whether a registered id can be built here: Gymnasium keeps the MuJoCo v2/v3 ids registered with an
+    entry point that only raises (they need mujoco-py)."""
+    entry = gym.spec(env_id).entry_point
+    return not (callable(entry) and "mujoco_py" in getattr(entry, "__name__", ""))
 
 
 def _register_dm_control() -> None:
@@ -85,21 +92,26 @@ def _register_ogbench() -> None:
         pass
 
 
-def check_env_id(env_id: str) -> None:
-    """Raise ConfigError unless `env_id` names a registered environment (without building it)."""
+def check_env_id(env_id: str, ogbench: bool = False) -> None:
+    """Raise ConfigError unless `env_id` names a registered environment that can be built here (without
+    building it); the message suggests only such ids, and OGBench's with `ogbench` (the offline-to-online script)."""
     if env_id.startswith("dm_control/"):
         _register_dm_control()
     elif "singletask" in env_id or env_id.startswith(("cube-", "scene-", "puzzle-")):
         _register_ogbench()
     try:
-        gym.spec(env_id)
+        if _runnable(env_id):
+            return
+        why = f"--env-id {env_id!r} needs mujoco-py, which Gymnasium 1.x dropped (its v4 and v5 tasks run)"
     except gym.error.Error:
-        if not env_id.startswith("dm_control/"):
-            _register_dm_control()
-            _register_ogbench()
-        close = difflib.get_close_matches(env_id, list(gym.registry.keys()), n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ConfigError(f"unknown --env-id {env_id!r}{hint}; use {_EXAMPLES}") from None
+        why = f"unknown --env-id {env_id!r}"
+    if not env_id.startswith("dm_control/"):
+        _register_dm_control()
+        _register_ogbench()
+    runnable = [k for k in gym.registry.keys() if _runnable(k)]
+    close = difflib.get_close_matches(env_id, runnable, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise ConfigError(f"{why}{hint}; use {_EXAMPLES}{_OGBENCH_EXAMPLE if ogbench else ''}")
 
 
 class _Float32Obs(gym.ObservationWrapper):

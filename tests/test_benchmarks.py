@@ -11,6 +11,7 @@ from helpers import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+import aggregate  # noqa: E402
 import plot  # noqa: E402
 import run  # noqa: E402
 import throughput  # noqa: E402
@@ -22,13 +23,51 @@ def test_iqm_by_hand():
     assert plot.iqm(np.array([7.0])) == 7.0
 
 
-def test_bootstrap_ci_brackets_the_mean():
-    same = np.full((5, 3), 2.0)
-    lo, hi = plot.bootstrap_ci(same)
-    np.testing.assert_allclose(lo, 2.0) and np.testing.assert_allclose(hi, 2.0)
-    x = np.array([[0.0], [10.0], [20.0], [30.0]])
-    lo, hi = plot.bootstrap_ci(x)
-    assert 0.0 <= lo[0] < 15.0 < hi[0] <= 30.0
+def test_curve_intervals_are_rliables_stratified_bootstrap():
+    from rliable import library as rly
+    from rliable import metrics
+
+    values = np.array([[0.0, 1.0], [10.0, 1.0], [20.0, 1.0], [30.0, 1.0]])  # 4 seeds x 2 points
+    mid, lo, hi = plot.iqm_curve(values, reps=500, seed=3)
+    assert mid == pytest.approx([15.0, 1.0])  # the middle two of 0, 10, 20, 30; a constant point
+    assert lo[1] == hi[1] == pytest.approx(1.0) and 0.0 <= lo[0] < 15.0 < hi[0] <= 30.0
+    by_hand = rly.get_interval_estimates({"x": values[:, None, :]}, lambda s: np.array([metrics.aggregate_iqm(s[..., 0]),
+                                         metrics.aggregate_iqm(s[..., 1])]), reps=500, random_state=plot.seeded(3))
+    np.testing.assert_allclose(np.stack([lo, hi]), by_hand[1]["x"])
+
+
+RANDOM = {"Hopper-v4": {"mean": 10.0}, "HalfCheetah-v4": {"mean": -100.0}}
+
+
+def test_normalised_scores_and_aggregates_against_rliable_by_hand():
+    from rliable import library as rly
+    from rliable import metrics
+
+    # references: Hopper 2310, HalfCheetah 9635; raw scores chosen to normalise to round numbers
+    hop = lambda x: 10.0 + x * 2300.0
+    cheetah = lambda x: -100.0 + x * 9735.0
+    scores = {("Hopper-v4", "a"): [hop(0.1), hop(0.2), hop(0.3)], ("HalfCheetah-v4", "a"): [cheetah(0.5), cheetah(0.6), cheetah(0.7), cheetah(0.9)],
+              ("Hopper-v4", "b"): [hop(0.4), hop(0.5)], ("Walker2d-v4", "b"): [1.0, 2.0]}  # Walker2d has no random score here
+    matrices, tasks, left_out = aggregate.score_matrices(scores, RANDOM)
+    assert left_out == ["Walker2d-v4"] and tasks == {"a": ["HalfCheetah-v4", "Hopper-v4"], "b": ["Hopper-v4"]}
+    np.testing.assert_allclose(matrices["a"], [[0.5, 0.1], [0.6, 0.2], [0.7, 0.3]])  # 3 runs: the fewest of its tasks
+    np.testing.assert_allclose(matrices["b"], [[0.4], [0.5]])
+
+    point, interval = aggregate.aggregates(matrices, reps=300, seed=1)
+    a = matrices["a"].reshape(-1)
+    # by hand: median 0.4; IQM of the 6 sorted scores cuts one from each end (0.1 and 0.7); optimality gap 1 - mean
+    np.testing.assert_allclose(point["a"], [0.4, np.mean([0.2, 0.3, 0.5, 0.6]), a.mean(), 1.0 - a.mean()], atol=1e-12)
+    func = lambda x: np.array([metrics.aggregate_median(x), metrics.aggregate_iqm(x), metrics.aggregate_mean(x),
+                               metrics.aggregate_optimality_gap(x)])
+    ref_point, ref_interval = rly.get_interval_estimates(matrices, func, reps=300, random_state=plot.seeded(1))
+    for script in matrices:
+        np.testing.assert_allclose(point[script], ref_point[script])
+        np.testing.assert_allclose(interval[script], ref_interval[script])
+
+    p, p_interval = aggregate.improvement(matrices, tasks, reps=300, seed=1)
+    # on Hopper, b's 0.4 and 0.5 beat each of a's 0.1, 0.2, 0.3: P(a > b) = 0
+    assert list(p) == ["a,b"] and float(p["a,b"]) == 0.0
+    assert float(metrics.probability_of_improvement(matrices["b"], matrices["a"][:, [1]])) == 1.0
 
 
 def _write_run(folder, evals, trains):
@@ -76,6 +115,33 @@ def test_plot_without_runs_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "plot.py"), "--runs", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "no runs" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_aggregate_writes_figures_and_the_table_from_runs(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, (final_a, final_b) in enumerate([(240.0, 470.0), (470.0, 700.0)], start=1):  # normalised 0.1/0.2 and 0.2/0.3
+        _write_run(str(runs / f"Hopper-v4__flowrl_jax__{seed}__1"), [(1000, 5.0), (2000, final_a)], [(500, 1.0)])
+        _write_run(str(runs / f"Hopper-v4__sac_flow_g__{seed}__1"), [(1000, 5.0), (2000, final_b)], [(500, 1.0)])
+    random_scores = tmp_path / "random.json"
+    random_scores.write_text('{"scores": {"Hopper-v4": {"mean": 10.0, "std": 1.0, "episodes": 5}}}')
+    out = tmp_path / "out"
+    argv = ["--runs", str(runs), "--out", str(out), "--random-scores", str(random_scores), "--reps", "200"]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "aggregate.py"), *argv],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for name in ["aggregate_metrics.png", "performance_profiles.png", "probability_of_improvement.png"]:
+        assert (out / name).stat().st_size > 10_000, name
+    table = (out / "aggregate.md").read_text()
+    assert "| flowrl_jax | Hopper-v4 | 2 | 0.150 [0.100, 0.200] | 0.150 [0.100, 0.200] | 0.150 [0.100, 0.200] | 0.850 [0.800, 0.900] |" in table
+    assert "| flowrl_jax | sac_flow_g | 0.125" in table  # by hand: of the 4 pairs (0.1 or 0.2 against 0.2 or 0.3) one tie, counted 1/2
+    assert "| Hopper-v4 | 10.0 | 2310 (CleanRL SAC, 1M) |" in table
+    # refusals: one line
+    for bad, message in [(["--metric", "best"], "--metric must be eval or train"),
+                         (["--random-scores", str(tmp_path / "none.json")], "does not exist"),
+                         (["--runs", str(tmp_path / "out")], "no runs with a eval return")]:
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "aggregate.py"), *argv, *bad],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_run_builds_the_users_commands():

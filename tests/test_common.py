@@ -114,6 +114,20 @@ def test_unknown_env_id_is_refused_with_a_hint():
         check_env_id("dm_control/nothing-here-v0")
 
 
+
+def test_env_id_hints_name_only_ids_that_run_here():
+    for bad in ["Ant-v9", "Ant-v3"]:  # Ant-v3 is registered but needs mujoco-py
+        with pytest.raises(ConfigError) as info:
+            check_env_id(bad)
+        message = str(info.value)
+        assert "Ant-v5, Ant-v4?" in message and "Ant-v3," not in message and "Ant-v3?" not in message, message
+        assert "OGBench" not in message and "--offline-dataset" not in message, message
+    with pytest.raises(ConfigError, match="'Ant-v3' needs mujoco-py"):
+        check_env_id("Ant-v3")
+    with pytest.raises(ConfigError, match="or an OGBench single-task env"):
+        check_env_id("cube-dble", ogbench=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoint pieces: buffer packing, env replay, argument adoption, pruning, divergence flags
 # ---------------------------------------------------------------------------------------------
