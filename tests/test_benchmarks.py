@@ -192,3 +192,40 @@ def test_throughput_table_marks_missing_figures():
            "peak_host_rss_mb": 1200.0, "xla_update_memory_mb": 220.0, "peak_device_mb": float("nan")}
     table = throughput.markdown(info, {"numpy": 150.0, "jax": 200.0}, [row], quick=False)
     assert "| flowrl_jax | Hopper-v4 | 4.0 | 10.0 | 10.00 | 50% | - | 9.0 | 0.90 | 1200 | 220 | - |" in table
+
+
+def test_versus_authors_buffer_stand_in_and_refusals(tmp_path):
+    import importlib.util
+
+    import gymnasium as gym
+    import versus_authors
+
+    versus_authors.write_stand_ins(str(tmp_path))
+    spec = importlib.util.spec_from_file_location("stand_in_buffers", tmp_path / "cleanrl_utils" / "buffers.py")
+    buffers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(buffers)
+    obs_space, act_space = gym.spaces.Box(-1, 1, (3,)), gym.spaces.Box(-1, 1, (2,))
+    rb = buffers.ReplayBuffer(4, obs_space, act_space, device="cpu", handle_timeout_termination=False)
+    for i in range(6):  # wraps around a capacity of 4: transitions 2..5 remain
+        rb.add(np.full((1, 3), i), np.full((1, 3), i + 0.5), np.full((1, 2), -i), np.array([10.0 * i]), np.array([i % 2]), [{}])
+    data = rb.sample(64)
+    obs, next_obs = data.observations.numpy(), data.next_observations.numpy()
+    assert obs.shape == (64, 3) and data.actions.numpy().shape == (64, 2) and data.rewards.flatten().numpy().shape == (64,)
+    assert set(obs[:, 0]) == {2.0, 3.0, 4.0, 5.0}  # uniform over what is stored, the overwritten ones gone
+    np.testing.assert_array_equal(next_obs[:, 0], obs[:, 0] + 0.5)
+    np.testing.assert_array_equal(data.rewards.flatten().numpy(), 10.0 * obs[:, 0])
+    np.testing.assert_array_equal(data.dones.flatten().numpy(), obs[:, 0] % 2)
+
+    ok = dict(authors=str(tmp_path), scripts=["sac_flow_g"])
+    with pytest.raises(SystemExit, match="SAC_flow_gru_jax.py does not exist"):
+        versus_authors.check(versus_authors.Args(**ok))
+    (tmp_path / "from_scratch_code").mkdir()
+    (tmp_path / "from_scratch_code" / "SAC_flow_gru_jax.py").write_text("")
+    versus_authors.check(versus_authors.Args(**ok))
+    for bad, message in [({"authors": ""}, "--authors is required"), ({"scripts": ["sac_flow"]}, "unknown script 'sac_flow'"),
+                         ({"short": 1600}, "--short < --long"), ({"repeats": 0}, "--repeats must be at least 1")]:
+        with pytest.raises(SystemExit, match=message):
+            versus_authors.check(versus_authors.Args(**{**ok, **bad}))
+    cmd = versus_authors.command("theirs", "sac_flow_g", versus_authors.Args(**ok), "Humanoid-v4", 1500)
+    assert cmd[1].endswith("SAC_flow_gru_jax.py") and cmd[-2:] == ["--no-track", "--no-save-model"]
+    assert cmd[cmd.index("--total-timesteps") + 1] == "1500" and cmd[cmd.index("--env-id") + 1] == "Humanoid-v4"

@@ -1,0 +1,210 @@
+"""Ours against the authors' SAC Flow scripts at the same settings, side by side on one machine.
+
+    git clone https://github.com/Elessar123/SAC-FLOW /path/to/SAC-FLOW      # their code, left untouched
+    python benchmarks/versus_authors.py --authors /path/to/SAC-FLOW
+    python benchmarks/versus_authors.py --authors /path/to/SAC-FLOW --env-ids Hopper-v4 --repeats 1 --short 1100 --long 1200
+
+The figure is the marginal env steps/s after learning starts: each script runs --short and --long total
+steps with --learning-starts random steps first (evaluation, checkpoints, tracking and model saving off),
+and (long - short) / (time of long - time of short) cancels start-up, compilation and the random
+phase. The four runs of a task and a script pair are interleaved (ours short, theirs short, theirs long,
+ours long; reversed on odd repeats), each alone on the machine with all its cores, and the table gives
+the median over --repeats with the spread (min to max).
+
+Their scripts run as they are, from their checkout, with what they need here supplied from outside:
+`cleanrl_utils.buffers.ReplayBuffer` (theirs imports torch) by a numpy stand-in with the same add/sample
+interface, `torch.utils.tensorboard.SummaryWriter` by tensorboardX's when torch is not installed, and
+their command-line flags `--no-track --no-save-model`. Their `CUDA_VISIBLE_DEVICES` line is harmless on
+a CPU. Settings: both at their defaults except the env, the seed, the run length and learning-starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (ours, theirs relative to the checkout)
+PAIRS = {
+    "sac_flow_g": ("sac_flow_g.py", "from_scratch_code/SAC_flow_gru_jax.py"),
+    "sac_flow_t": ("sac_flow_t.py", "from_scratch_code/SAC_flow_transformer_jax.py"),
+}
+
+BUFFER_STAND_IN = '''"""A numpy stand-in for cleanrl_utils.buffers.ReplayBuffer (theirs imports torch), written by
+benchmarks/versus_authors.py: the same add/sample interface, uniform sampling of the stored transitions."""
+from typing import NamedTuple
+
+import numpy as np
+
+
+class _Array(np.ndarray):
+    def numpy(self):
+        return np.asarray(self)
+
+
+class ReplayBufferSamples(NamedTuple):
+    observations: _Array
+    actions: _Array
+    next_observations: _Array
+    dones: _Array
+    rewards: _Array
+
+
+class ReplayBuffer:
+    def __init__(self, buffer_size, observation_space, action_space, device="cpu", n_envs=1,
+                 optimize_memory_usage=False, handle_timeout_termination=True):
+        obs_shape, act_dim = observation_space.shape, int(np.prod(action_space.shape))
+        self.size, self.pos, self.full = buffer_size, 0, False
+        self.observations = np.zeros((buffer_size, *obs_shape), np.float32)
+        self.next_observations = np.zeros((buffer_size, *obs_shape), np.float32)
+        self.actions = np.zeros((buffer_size, act_dim), np.float32)
+        self.rewards = np.zeros((buffer_size, 1), np.float32)
+        self.dones = np.zeros((buffer_size, 1), np.float32)
+
+    def add(self, obs, next_obs, action, reward, done, infos):
+        i = self.pos
+        self.observations[i] = np.asarray(obs).reshape(self.observations.shape[1:])
+        self.next_observations[i] = np.asarray(next_obs).reshape(self.observations.shape[1:])
+        self.actions[i] = np.asarray(action).reshape(-1)
+        self.rewards[i] = np.asarray(reward).reshape(-1)[0]
+        self.dones[i] = np.asarray(done).reshape(-1)[0]
+        self.pos = (self.pos + 1) % self.size
+        self.full = self.full or self.pos == 0
+
+    def sample(self, batch_size, env=None):
+        idx = np.random.randint(0, self.size if self.full else self.pos, size=batch_size)
+        view = lambda x: x[idx].view(_Array)
+        return ReplayBufferSamples(view(self.observations), view(self.actions), view(self.next_observations),
+                                   view(self.dones), view(self.rewards))
+'''
+
+
+@dataclass
+class Args:
+    authors: str = ""
+    """a checkout of github.com/Elessar123/SAC-FLOW (required; nothing in it is changed)"""
+    scripts: list[str] = field(default_factory=lambda: ["sac_flow_g", "sac_flow_t"])
+    """which pairs: sac_flow_g (their SAC_flow_gru_jax.py), sac_flow_t (their SAC_flow_transformer_jax.py)"""
+    env_ids: list[str] = field(default_factory=lambda: ["Hopper-v4", "Humanoid-v4"])
+    """tasks"""
+    learning_starts: int = 1000
+    """random steps before the first update, both scripts"""
+    short: int = 1200
+    """total steps of the short run"""
+    long: int = 1500
+    """total steps of the long run"""
+    repeats: int = 2
+    """interleaved repeats of the four runs"""
+    seed: int = 1
+    """seed of every run"""
+    out: str = os.path.join(ROOT, "benchmarks", "results", "versus_authors_cpu")
+    """writes {out}.md and {out}.json"""
+
+
+def write_stand_ins(folder: str) -> dict:
+    """The modules their scripts import that cannot or need not run here; returns the environment to run them in."""
+    os.makedirs(os.path.join(folder, "cleanrl_utils"), exist_ok=True)
+    open(os.path.join(folder, "cleanrl_utils", "__init__.py"), "w").close()
+    with open(os.path.join(folder, "cleanrl_utils", "buffers.py"), "w") as f:
+        f.write(BUFFER_STAND_IN)
+    try:
+        import torch  # noqa: F401
+    except ImportError:  # their scripts import only torch's SummaryWriter: tensorboardX's is the same class
+        tb = os.path.join(folder, "torch", "utils", "tensorboard")
+        os.makedirs(tb, exist_ok=True)
+        with open(os.path.join(folder, "torch", "__init__.py"), "w") as f:
+            # Libraries that find a `torch` module test values against torch.Tensor (tensorboardX) and argument
+            # types against torch.device (tyro): classes nothing is an instance or a subclass of.
+            f.write("class Tensor:\n    pass\n\n\nclass device:\n    pass\n")
+        open(os.path.join(folder, "torch", "utils", "__init__.py"), "w").close()
+        with open(os.path.join(tb, "__init__.py"), "w") as f:
+            f.write("from tensorboardX import SummaryWriter  # noqa: F401\n")
+    return dict(os.environ, PYTHONPATH=folder, PYTHONWARNINGS="ignore", MUJOCO_GL="egl")
+
+
+def command(side: str, script: str, args: Args, env_id: str, steps: int) -> list[str]:
+    ours, theirs = PAIRS[script]
+    common = ["--env-id", env_id, "--seed", str(args.seed), "--total-timesteps", str(steps),
+              "--learning-starts", str(args.learning_starts)]
+    if side == "ours":
+        return [sys.executable, os.path.join(ROOT, ours), *common, "--eval-episodes", "0", "--checkpoint-every", "0",
+                "--no-progress"]
+    return [sys.executable, os.path.join(args.authors, theirs), *common, "--no-track", "--no-save-model"]
+
+
+def timed(cmd: list[str], env: dict, cwd: str) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"error: {' '.join(cmd[1:3])}... exited {proc.returncode}:\n{proc.stderr[-2000:]}")
+    return elapsed
+
+
+def check(args: Args) -> None:
+    if not args.authors:
+        raise SystemExit("error: --authors is required: a checkout of https://github.com/Elessar123/SAC-FLOW")
+    for script in args.scripts:
+        if script not in PAIRS:
+            raise SystemExit(f"error: unknown script {script!r}; choose from {', '.join(PAIRS)}")
+        path = os.path.join(args.authors, PAIRS[script][1])
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: {path} does not exist: --authors must be a checkout of Elessar123/SAC-FLOW")
+    if not 0 <= args.learning_starts < args.short < args.long:
+        raise SystemExit(f"error: need 0 <= --learning-starts < --short < --long, got {args.learning_starts}, "
+                         f"{args.short}, {args.long}")
+    if args.repeats < 1:
+        raise SystemExit(f"error: --repeats must be at least 1, got {args.repeats}")
+
+
+def main(argv=None) -> int:
+    import tyro
+
+    args = tyro.cli(Args, args=argv)
+    check(args)
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        env = write_stand_ins(os.path.join(work, "stand_ins"))
+        for env_id in args.env_ids:
+            for script in args.scripts:
+                rates = {"ours": [], "theirs": []}
+                for r in range(args.repeats):
+                    order = [("ours", args.short), ("theirs", args.short), ("theirs", args.long), ("ours", args.long)]
+                    times = {}
+                    for side, steps in (order if r % 2 == 0 else order[::-1]):
+                        times[(side, steps)] = timed(command(side, script, args, env_id, steps), env, work)
+                        print(f"{env_id} {script} {side} {steps} steps: {times[(side, steps)]:.1f} s", flush=True)
+                    for side in rates:
+                        rates[side].append((args.long - args.short) / (times[(side, args.long)] - times[(side, args.short)]))
+                ratio = [o / t for o, t in zip(rates["ours"], rates["theirs"])]
+                rows.append({"env_id": env_id, "script": script, "ours": rates["ours"], "theirs": rates["theirs"],
+                             "ratio": ratio})
+                print(f"{env_id} {script}: ours {statistics.median(rates['ours']):.2f}, theirs "
+                      f"{statistics.median(rates['theirs']):.2f} env steps/s, ratio {statistics.median(ratio):.2f}", flush=True)
+    cell = lambda xs: f"{statistics.median(xs):.2f} ({min(xs):.2f} to {max(xs):.2f})"
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or 'cpu'}, no GPU"
+    lines = [f"Marginal env steps/s after learning starts, ours against the authors' scripts, at their defaults "
+             f"({args.short} and {args.long} steps, --learning-starts {args.learning_starts}, {args.repeats} interleaved "
+             f"repeats: median (min to max)). Machine: {machine}; {time.strftime('%Y-%m-%d')}. "
+             f"Command: python benchmarks/versus_authors.py --authors <checkout>", "",
+             "| task | script | ours | authors' | ours / authors' |", "|---|---|---|---|---|"]
+    lines += [f"| {r['env_id']} | {r['script']} | {cell(r['ours'])} | {cell(r['theirs'])} | {cell(r['ratio'])} |" for r in rows]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(args.out + ".json", "w") as f:
+        json.dump({"machine": machine, "args": vars(args), "rows": rows}, f, indent=1)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
