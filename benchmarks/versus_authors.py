@@ -16,6 +16,14 @@ Their scripts run as they are, from their checkout, with what they need here sup
 interface, `torch.utils.tensorboard.SummaryWriter` by tensorboardX's when torch is not installed, and
 their command-line flags `--no-track --no-save-model`. Their `CUDA_VISIBLE_DEVICES` line is harmless on
 a CPU. Settings: both at their defaults except the env, the seed, the run length and learning-starts.
+
+With --flops (default) the table also gives the FLOPs per env step of each side, from XLA's
+cost_analysis() of the compiled programs: ours the update as benchmarks/throughput.py costs it (the
+critic step plus the actor step on one update in --policy-delay, since XLA costs a lax.cond as its
+dearer branch) and one exploration action; theirs every top-level jitted call of a run of
+--learning-starts + --flops-steps steps (their actor update is its own jitted function, called every
+third step), costed the same way by a recorder that wraps jax.jit around their script from outside.
+Equal FLOPs and unequal speed means overhead, not arithmetic.
 """
 
 from __future__ import annotations
@@ -87,6 +95,50 @@ class ReplayBuffer:
 '''
 
 
+# Run as `python record_flops.py SCRIPT ARGS...`: SCRIPT as __main__ with jax.jit wrapped so that every
+# top-level call of a jitted function is counted and its compiled program costed once (XLA's
+# cost_analysis); calls traced inside another jitted function are left to that one's cost.
+FLOPS_RECORDER = '''import atexit, json, os, runpy, sys
+
+import jax
+
+records, _jit = {}, jax.jit
+
+
+def _flops(compiled):
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan")))
+
+
+def jit(fun=None, **kw):
+    if fun is None:
+        return lambda f: jit(f, **kw)
+    jitted, name = _jit(fun, **kw), getattr(fun, "__name__", repr(fun))
+
+    class Recorded:
+        def __call__(self, *a, **k):
+            if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((a, k))):
+                return jitted(*a, **k)
+            r = records.setdefault(name, {"calls": 0, "flops": None})
+            if r["flops"] is None:
+                r["flops"] = _flops(jitted.lower(*a, **k).compile())
+            r["calls"] += 1
+            return jitted(*a, **k)
+
+        def __getattr__(self, attr):
+            return getattr(jitted, attr)
+
+    return Recorded()
+
+
+jax.jit = jit
+atexit.register(lambda: json.dump(records, open(os.environ["FLOPS_OUT"], "w")))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
 @dataclass
 class Args:
     authors: str = ""
@@ -107,6 +159,11 @@ class Args:
     """seed of every run"""
     out: str = os.path.join(ROOT, "benchmarks", "results", "versus_authors_cpu")
     """writes {out}.md and {out}.json"""
+    flops: bool = True
+    """also FLOPs per env step of both (XLA's cost_analysis of the compiled programs), to tell arithmetic from overhead"""
+    flops_steps: int = 30
+    """with --flops, their script runs --learning-starts + this many steps to count its jitted calls (a multiple of
+    their policy delay, 3, so that the actor's share is exact)"""
 
 
 def write_stand_ins(folder: str) -> dict:
@@ -149,6 +206,46 @@ def timed(cmd: list[str], env: dict, cwd: str) -> float:
     return elapsed
 
 
+def their_flops(script: str, args: Args, env_id: str, env: dict, work: str) -> float:
+    """Their FLOPs per env step after learning starts: every top-level jitted call of a short run, each
+    costed by XLA, summed and divided by the learning steps."""
+    out = os.path.join(work, f"flops_{script}_{env_id}.json")
+    steps = args.learning_starts + args.flops_steps
+    cmd = command("theirs", script, args, env_id, steps)
+    cmd.insert(1, os.path.join(env["PYTHONPATH"], "record_flops.py"))
+    proc = subprocess.run(cmd, cwd=work, env=dict(env, FLOPS_OUT=out), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: their {script} under the FLOPs recorder exited {proc.returncode}:\n{proc.stderr[-2000:]}")
+    with open(out) as f:
+        records = json.load(f)
+    # per learning step: their loop calls update_critic once per env step after learning starts
+    updates = records.get("update_critic", {}).get("calls") or args.flops_steps
+    return sum(r["flops"] * r["calls"] for r in records.values()) / updates
+
+
+def our_flops(script: str, env_id: str) -> float:
+    """Our FLOPs per env step: the update as throughput.py costs it (critic step, plus the actor step on one
+    update in --policy-delay) and one exploration action."""
+    import importlib
+
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, ROOT)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import throughput
+
+    module = importlib.import_module(script)
+    update = throughput.measure_update(module, env_id, steps=1, profile=False)
+    args = module.Args(env_id=env_id)
+    obs_dim, act_dim = update["obs_dim"], update["act_dim"]
+    agent = module.create_agent(args, obs_dim, act_dim, jax.random.PRNGKey(0))
+    one_seed = lambda tree: jax.tree_util.tree_map(lambda x: x[None], tree)
+    act_explore = module.make_act(args, act_dim, 1)[1]
+    act = act_explore.lower(one_seed(agent.actor.variables), jnp.zeros((1, obs_dim)), one_seed(jax.random.PRNGKey(0))).compile()
+    return update["gflop_per_env_step"] * 1e9 + throughput._flops(act)
+
+
 def check(args: Args) -> None:
     if not args.authors:
         raise SystemExit("error: --authors is required: a checkout of https://github.com/Elessar123/SAC-FLOW")
@@ -173,8 +270,16 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as work:
         env = write_stand_ins(os.path.join(work, "stand_ins"))
+        with open(os.path.join(work, "stand_ins", "record_flops.py"), "w") as f:
+            f.write(FLOPS_RECORDER)
         for env_id in args.env_ids:
             for script in args.scripts:
+                flops = {}
+                if args.flops:
+                    flops = {"ours_gflop": our_flops(script, env_id) / 1e9,
+                             "theirs_gflop": their_flops(script, args, env_id, env, work) / 1e9}
+                    print(f"{env_id} {script}: GFLOP per env step ours {flops['ours_gflop']:.2f}, "
+                          f"theirs {flops['theirs_gflop']:.2f}", flush=True)
                 rates = {"ours": [], "theirs": []}
                 for r in range(args.repeats):
                     order = [("ours", args.short), ("theirs", args.short), ("theirs", args.long), ("ours", args.long)]
@@ -186,7 +291,7 @@ def main(argv=None) -> int:
                         rates[side].append((args.long - args.short) / (times[(side, args.long)] - times[(side, args.short)]))
                 ratio = [o / t for o, t in zip(rates["ours"], rates["theirs"])]
                 rows.append({"env_id": env_id, "script": script, "ours": rates["ours"], "theirs": rates["theirs"],
-                             "ratio": ratio})
+                             "ratio": ratio, **flops})
                 print(f"{env_id} {script}: ours {statistics.median(rates['ours']):.2f}, theirs "
                       f"{statistics.median(rates['theirs']):.2f} env steps/s, ratio {statistics.median(ratio):.2f}", flush=True)
     cell = lambda xs: f"{statistics.median(xs):.2f} ({min(xs):.2f} to {max(xs):.2f})"
@@ -195,8 +300,11 @@ def main(argv=None) -> int:
              f"({args.short} and {args.long} steps, --learning-starts {args.learning_starts}, {args.repeats} interleaved "
              f"repeats: median (min to max)). Machine: {machine}; {time.strftime('%Y-%m-%d')}. "
              f"Command: python benchmarks/versus_authors.py --authors <checkout>", "",
-             "| task | script | ours | authors' | ours / authors' |", "|---|---|---|---|---|"]
-    lines += [f"| {r['env_id']} | {r['script']} | {cell(r['ours'])} | {cell(r['theirs'])} | {cell(r['ratio'])} |" for r in rows]
+             "| task | script | ours | authors' | ours / authors' | GFLOP per env step, ours | authors' |",
+             "|---|---|---|---|---|---|---|"]
+    gflop = lambda r, side: f"{r[side + '_gflop']:.2f}" if side + "_gflop" in r else "-"
+    lines += [f"| {r['env_id']} | {r['script']} | {cell(r['ours'])} | {cell(r['theirs'])} | {cell(r['ratio'])} | "
+              f"{gflop(r, 'ours')} | {gflop(r, 'theirs')} |" for r in rows]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
