@@ -159,6 +159,8 @@ class Args:
     """seed of every run"""
     out: str = os.path.join(ROOT, "benchmarks", "results", "versus_authors_cpu")
     """writes {out}.md and {out}.json"""
+    timing: bool = True
+    """time the runs (--no-timing with --flops: only the FLOPs, which a busy machine does not change)"""
     flops: bool = True
     """also FLOPs per env step of both (XLA's cost_analysis of the compiled programs), to tell arithmetic from overhead"""
     flops_steps: int = 30
@@ -206,9 +208,9 @@ def timed(cmd: list[str], env: dict, cwd: str) -> float:
     return elapsed
 
 
-def their_flops(script: str, args: Args, env_id: str, env: dict, work: str) -> float:
+def their_flops(script: str, args: Args, env_id: str, env: dict, work: str) -> tuple[float, dict]:
     """Their FLOPs per env step after learning starts: every top-level jitted call of a short run, each
-    costed by XLA, summed and divided by the learning steps."""
+    costed by XLA, summed and divided by the learning steps; also {function: {"calls", "flops"}}."""
     out = os.path.join(work, f"flops_{script}_{env_id}.json")
     steps = args.learning_starts + args.flops_steps
     cmd = command("theirs", script, args, env_id, steps)
@@ -220,12 +222,12 @@ def their_flops(script: str, args: Args, env_id: str, env: dict, work: str) -> f
         records = json.load(f)
     # per learning step: their loop calls update_critic once per env step after learning starts
     updates = records.get("update_critic", {}).get("calls") or args.flops_steps
-    return sum(r["flops"] * r["calls"] for r in records.values()) / updates
+    return sum(r["flops"] * r["calls"] for r in records.values()) / updates, records
 
 
-def our_flops(script: str, env_id: str) -> float:
+def our_flops(script: str, env_id: str) -> tuple[float, dict]:
     """Our FLOPs per env step: the update as throughput.py costs it (critic step, plus the actor step on one
-    update in --policy-delay) and one exploration action."""
+    update in --policy-delay) and one exploration action; also the parts."""
     import importlib
 
     import jax
@@ -243,7 +245,41 @@ def our_flops(script: str, env_id: str) -> float:
     one_seed = lambda tree: jax.tree_util.tree_map(lambda x: x[None], tree)
     act_explore = module.make_act(args, act_dim, 1)[1]
     act = act_explore.lower(one_seed(agent.actor.variables), jnp.zeros((1, obs_dim)), one_seed(jax.random.PRNGKey(0))).compile()
-    return update["gflop_per_env_step"] * 1e9 + throughput._flops(act)
+    parts = {"critic_step": update["gflop_critic_step"] * 1e9, "critic_and_actor_step": update["gflop_critic_and_actor_step"] * 1e9,
+             "act": throughput._flops(act)}
+    return update["gflop_per_env_step"] * 1e9 + parts["act"], parts
+
+
+def time_pair(script: str, args: Args, env_id: str, env: dict, work: str) -> dict:
+    """Marginal env steps/s of both sides per repeat, the four runs interleaved: {"ours", "theirs", "ratio"}."""
+    rates = {"ours": [], "theirs": []}
+    for r in range(args.repeats):
+        order = [("ours", args.short), ("theirs", args.short), ("theirs", args.long), ("ours", args.long)]
+        times = {}
+        for side, steps in (order if r % 2 == 0 else order[::-1]):
+            times[(side, steps)] = timed(command(side, script, args, env_id, steps), env, work)
+            print(f"{env_id} {script} {side} {steps} steps: {times[(side, steps)]:.1f} s", flush=True)
+        for side in rates:
+            rates[side].append((args.long - args.short) / (times[(side, args.long)] - times[(side, args.short)]))
+    return {**rates, "ratio": [o / t for o, t in zip(rates["ours"], rates["theirs"])]}
+
+
+def table(rows: list[dict], args: Args, machine: str) -> list[str]:
+    """The markdown of the rows: speeds (median, min to max) where timed, FLOPs where costed."""
+    cell = lambda xs: f"{statistics.median(xs):.2f} ({min(xs):.2f} to {max(xs):.2f})" if xs else "-"
+    gflop = lambda r, side: f"{r[side + '_gflop']:.2f}" if side + "_gflop" in r else "-"
+    what = (f"Marginal env steps/s after learning starts ({args.short} and {args.long} steps, --learning-starts "
+            f"{args.learning_starts}, {args.repeats} interleaved repeats: median (min to max))" if args.timing else
+            "No speeds (--no-timing)")
+    flops = (f"; GFLOP per env step from XLA's cost_analysis() (theirs over --learning-starts {args.learning_starts} + "
+             f"{args.flops_steps} steps)" if args.flops else "")
+    return [f"{what}{flops}: ours against the authors' scripts at their defaults. Machine: {machine}; "
+            f"{time.strftime('%Y-%m-%d')}. Command: python benchmarks/versus_authors.py --authors <checkout> "
+            f"{'' if args.timing else '--no-timing '}--learning-starts {args.learning_starts}", "",
+            "| task | script | ours | authors' | ours / authors' | GFLOP per env step, ours | authors' |",
+            "|---|---|---|---|---|---|---|",
+            *[f"| {r['env_id']} | {r['script']} | {cell(r.get('ours', []))} | {cell(r.get('theirs', []))} | "
+              f"{cell(r.get('ratio', []))} | {gflop(r, 'ours')} | {gflop(r, 'theirs')} |" for r in rows]]
 
 
 def check(args: Args) -> None:
@@ -258,6 +294,8 @@ def check(args: Args) -> None:
     if not 0 <= args.learning_starts < args.short < args.long:
         raise SystemExit(f"error: need 0 <= --learning-starts < --short < --long, got {args.learning_starts}, "
                          f"{args.short}, {args.long}")
+    if not (args.timing or args.flops):
+        raise SystemExit("error: --no-timing --no-flops measures nothing")
     if args.repeats < 1:
         raise SystemExit(f"error: --repeats must be at least 1, got {args.repeats}")
 
@@ -276,35 +314,20 @@ def main(argv=None) -> int:
             for script in args.scripts:
                 flops = {}
                 if args.flops:
-                    flops = {"ours_gflop": our_flops(script, env_id) / 1e9,
-                             "theirs_gflop": their_flops(script, args, env_id, env, work) / 1e9}
+                    (ours, parts), (theirs, functions) = our_flops(script, env_id), their_flops(script, args, env_id, env, work)
+                    flops = {"ours_gflop": ours / 1e9, "theirs_gflop": theirs / 1e9, "ours_parts": parts,
+                             "theirs_jitted_calls": functions}
                     print(f"{env_id} {script}: GFLOP per env step ours {flops['ours_gflop']:.2f}, "
                           f"theirs {flops['theirs_gflop']:.2f}", flush=True)
-                rates = {"ours": [], "theirs": []}
-                for r in range(args.repeats):
-                    order = [("ours", args.short), ("theirs", args.short), ("theirs", args.long), ("ours", args.long)]
-                    times = {}
-                    for side, steps in (order if r % 2 == 0 else order[::-1]):
-                        times[(side, steps)] = timed(command(side, script, args, env_id, steps), env, work)
-                        print(f"{env_id} {script} {side} {steps} steps: {times[(side, steps)]:.1f} s", flush=True)
-                    for side in rates:
-                        rates[side].append((args.long - args.short) / (times[(side, args.long)] - times[(side, args.short)]))
-                ratio = [o / t for o, t in zip(rates["ours"], rates["theirs"])]
-                rows.append({"env_id": env_id, "script": script, "ours": rates["ours"], "theirs": rates["theirs"],
-                             "ratio": ratio, **flops})
-                print(f"{env_id} {script}: ours {statistics.median(rates['ours']):.2f}, theirs "
-                      f"{statistics.median(rates['theirs']):.2f} env steps/s, ratio {statistics.median(ratio):.2f}", flush=True)
-    cell = lambda xs: f"{statistics.median(xs):.2f} ({min(xs):.2f} to {max(xs):.2f})"
+                row = {"env_id": env_id, "script": script, **flops}
+                if args.timing:
+                    row.update(time_pair(script, args, env_id, env, work))
+                    print(f"{env_id} {script}: ours {statistics.median(row['ours']):.2f}, theirs "
+                          f"{statistics.median(row['theirs']):.2f} env steps/s, ratio {statistics.median(row['ratio']):.2f}",
+                          flush=True)
+                rows.append(row)
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or 'cpu'}, no GPU"
-    lines = [f"Marginal env steps/s after learning starts, ours against the authors' scripts, at their defaults "
-             f"({args.short} and {args.long} steps, --learning-starts {args.learning_starts}, {args.repeats} interleaved "
-             f"repeats: median (min to max)). Machine: {machine}; {time.strftime('%Y-%m-%d')}. "
-             f"Command: python benchmarks/versus_authors.py --authors <checkout>", "",
-             "| task | script | ours | authors' | ours / authors' | GFLOP per env step, ours | authors' |",
-             "|---|---|---|---|---|---|---|"]
-    gflop = lambda r, side: f"{r[side + '_gflop']:.2f}" if side + "_gflop" in r else "-"
-    lines += [f"| {r['env_id']} | {r['script']} | {cell(r['ours'])} | {cell(r['theirs'])} | {cell(r['ratio'])} | "
-              f"{gflop(r, 'ours')} | {gflop(r, 'theirs')} |" for r in rows]
+    lines = table(rows, args, machine)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")

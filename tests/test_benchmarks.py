@@ -229,3 +229,15 @@ def test_versus_authors_buffer_stand_in_and_refusals(tmp_path):
     cmd = versus_authors.command("theirs", "sac_flow_g", versus_authors.Args(**ok), "Humanoid-v4", 1500)
     assert cmd[1].endswith("SAC_flow_gru_jax.py") and cmd[-2:] == ["--no-track", "--no-save-model"]
     assert cmd[cmd.index("--total-timesteps") + 1] == "1500" and cmd[cmd.index("--env-id") + 1] == "Humanoid-v4"
+
+
+def test_versus_authors_table_gives_medians_and_spreads():
+    import versus_authors
+
+    rows = [{"env_id": "Hopper-v4", "script": "sac_flow_g", "ours": [9.0, 11.0, 10.0], "theirs": [8.0, 8.0, 8.0],
+             "ratio": [1.125, 1.375, 1.25], "ours_gflop": 15.81, "theirs_gflop": 16.08},
+            {"env_id": "Humanoid-v4", "script": "sac_flow_t", "ours_gflop": 22.62, "theirs_gflop": 22.27}]
+    lines = versus_authors.table(rows, versus_authors.Args(authors="x", repeats=3), "test machine")
+    assert "3 interleaved repeats" in lines[0] and "test machine" in lines[0]
+    assert lines[4] == "| Hopper-v4 | sac_flow_g | 10.00 (9.00 to 11.00) | 8.00 (8.00 to 8.00) | 1.25 (1.12 to 1.38) | 15.81 | 16.08 |"
+    assert lines[5] == "| Humanoid-v4 | sac_flow_t | - | - | - | 22.62 | 22.27 |"
