@@ -48,7 +48,8 @@ class RunWriter:
         if args is not None and getattr(args, "track", False):
             import wandb
 
-            self.run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, dir=log_dir,
+            # An absolute dir: a wandb service started by another process (WANDB_SERVICE) resolves paths in its own cwd.
+            self.run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, dir=os.path.abspath(log_dir),
                                   name=os.path.basename(os.path.normpath(log_dir)), id=wandb_run_id(log_dir),
                                   resume="allow", config=config, reinit="create_new",
                                   settings=wandb.Settings(silent=True, console="off"))

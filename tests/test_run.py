@@ -148,11 +148,17 @@ def test_track_logs_each_seed_to_its_wandb_run_and_a_resumed_run_continues_it(tm
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")
     args = StandInArgs(track=True)
-    first = stand_in_run(args, stop_at=35)
-    assert first["stopped"] == "SIGINT"
-    resumed = StandInArgs(track=True, resume=first["run_dir"])
-    second = stand_in_run(resumed, resume=read_resume(resumed, "stand_in", StandInArgs()))
-    assert second["stopped"] is None
+    try:
+        first = stand_in_run(args, stop_at=35)
+        assert first["stopped"] == "SIGINT"
+        resumed = StandInArgs(track=True, resume=first["run_dir"])
+        second = stand_in_run(resumed, resume=read_resume(resumed, "stand_in", StandInArgs()))
+        assert second["stopped"] is None
+    finally:  # stop this process's wandb service and forget its address, which child processes would inherit
+        import wandb
+
+        wandb.teardown()
+        os.environ.pop("WANDB_SERVICE", None)
 
     for seed, log_dir in zip([3, 4], second["log_dirs"]):
         sessions = wandb_offline_runs(log_dir)
