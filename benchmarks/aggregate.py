@@ -156,7 +156,8 @@ def main(argv=None) -> int:
             scores[key] = finals
     matrices, tasks, left_out = score_matrices(scores, random_scores)
     if not matrices:
-        print(f"aggregate.py: error: no runs with a {args.metric} return on a task with a reference score under "
+        print(f"aggregate.py: error: no runs with {'an evaluation' if args.metric == 'eval' else 'a training'} return on a "
+              f"task with a reference score under "
               f"{args.runs!r} (tasks with one: {', '.join(REFERENCE_SCORES)})", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
