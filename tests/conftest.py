@@ -1,5 +1,8 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -8,3 +11,11 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 # The tests' networks are tiny and their runs short, so XLA's compilation dominates; its backend
 # optimisations buy nothing here (a quarter of the suite's time). Subprocesses inherit this.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+# Most tests compile the same programs again (each run builds its functions anew, and many runs share
+# TINY's sizes); JAX's persistent compilation cache, fresh for each session and removed after it, compiles
+# each program once. It keys on the program, the flags and the versions, so what runs is unchanged.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="jax-cache-")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
