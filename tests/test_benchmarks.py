@@ -241,3 +241,102 @@ def test_versus_authors_table_gives_medians_and_spreads():
     assert "3 interleaved repeats" in lines[0] and "test machine" in lines[0]
     assert lines[4] == "| Hopper-v4 | sac_flow_g | 10.00 (9.00 to 11.00) | 8.00 (8.00 to 8.00) | 1.25 (1.12 to 1.38) | 15.81 | 16.08 |"
     assert lines[5] == "| Humanoid-v4 | sac_flow_t | - | - | - | 22.62 | 22.27 |"
+
+
+FAKE_FLOWRL = {
+    # The parts of bytedance/FlowRL the runner touches, each failing the way theirs does on this machine
+    # unless the runner has supplied its stand-in; main.py records what it saw.
+    "torch/__init__.py": "class Tensor:\n    def cuda(self):\n        raise AssertionError('Torch not compiled with CUDA enabled')\n\n\n"
+                         "def device(name):\n    return name\n",
+    "utilis/__init__.py": "",
+    "utilis/default_config.py": "default_config = dict(start_steps=5000, num_steps=2000001, eval=True, save=True, cuda=True)\n",
+    "model/__init__.py": "",
+    "model/model.py": "import torch\n\n\nclass Policy_flow:\n    def __init__(self):\n        torch.Tensor().cuda()\n"
+                      "        self.device = torch.device('cuda:0')\n",
+    "model/algo.py": "from .model import Policy_flow\n\n\nclass flowAC:\n    def __init__(self, cuda):\n"
+                     "        self.amp_enabled = False  # theirs: args.cuda and torch.cuda.is_available()\n"
+                     "        self.policy = Policy_flow()\n",
+    "envs/__init__.py": "",
+    "envs/dm_control.py": "from gym import spaces  # the old gym, not installed\n",
+    "main.py": """import json, sys
+import wandb
+wandb.login()
+from torchvision.io import write_video
+from envs.dm_control import DMControlEnv
+from model.algo import flowAC
+from utilis.default_config import default_config as config
+
+env = DMControlEnv(domain_name="dog", task_name="run")
+env.seed(int(sys.argv[sys.argv.index("--seed") + 1]))
+agent = flowAC(config["cuda"])
+steps, episodes = 0, 0
+with open("seen.json", "w") as f:
+    json.dump({"config": config, "amp": agent.amp_enabled, "device": agent.policy.device,
+               "max_steps": env._max_episode_steps, "obs": list(env.observation_space.shape)}, f)
+while True:
+    state, done = env.reset(), False
+    while not done:
+        state, reward, done, info = env.step(env._action_space.sample())
+        steps += 1
+        with open("steps", "w") as f:
+            f.write(str(steps))
+""",
+}
+
+
+@pytest.mark.parametrize("bf16", [0, 1])
+def test_versus_flowrl_runner_supplies_what_their_main_needs_and_stops_at_the_step(tmp_path, bf16):
+    import json
+
+    import versus_flowrl
+
+    for path, text in FAKE_FLOWRL.items():
+        (tmp_path / "flowrl" / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "flowrl" / path).write_text(text)
+    (tmp_path / "runner.py").write_text(versus_flowrl.RUNNER)
+    args = versus_flowrl.Args(authors=str(tmp_path / "flowrl"), torch_python=sys.executable, learning_starts=300, seed=3)
+    cmd = versus_flowrl.command("theirs_bf16" if bf16 else "theirs", args, "Hopper-v4", 77, str(tmp_path / "runner.py"))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "flowrl"))  # the fake torch
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "stopped after 77 env steps" in proc.stdout
+    assert (tmp_path / "steps").read_text() == "77"  # across episode ends (random Hopper episodes are short)
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    assert seen["config"] == {"start_steps": 300, "num_steps": 10 ** 12, "eval": False, "save": False, "cuda": False}
+    assert seen["amp"] is bool(bf16) and seen["device"] == "cpu" and seen["max_steps"] == 1000 and seen["obs"] == [11]
+
+
+def test_versus_flowrl_interleaves_the_runs_and_refuses_bad_input(tmp_path, monkeypatch):
+    import versus_flowrl
+
+    seconds = {"ours": 0.1, "theirs": 0.2, "theirs_bf16": 0.4}  # per learning step; start-up 10 s
+    order = []
+
+    def fake_timed(cmd, cwd):
+        side = "ours" if cmd[1].endswith("flowrl_jax.py") else ("theirs_bf16" if cmd[-1] == "1" else "theirs")
+        steps = int(cmd[cmd.index("--total-timesteps") + 1] if side == "ours" else cmd[4])
+        order.append((side, steps))
+        return 10.0 + seconds[side] * (steps - 1000)
+
+    monkeypatch.setattr(versus_flowrl, "timed", fake_timed)
+    args = versus_flowrl.Args(authors="x", torch_python="y", repeats=2)
+    rates = versus_flowrl.time_task(args, "Hopper-v4", str(tmp_path), "runner.py")
+    first = [("ours", 1200), ("theirs", 1200), ("theirs_bf16", 1200), ("theirs_bf16", 1500), ("theirs", 1500), ("ours", 1500)]
+    assert order == first + first[::-1]
+    assert rates["ours"] == pytest.approx([10.0, 10.0]) and rates["theirs_bf16"] == pytest.approx([2.5, 2.5])
+    assert rates["ours/theirs"] == pytest.approx([2.0, 2.0]) and rates["ours/theirs_bf16"] == pytest.approx([4.0, 4.0])
+    lines = versus_flowrl.table([{"env_id": "Hopper-v4", **rates}], args, "test machine")
+    assert lines[4] == ("| Hopper-v4 | 10.00 (10.00 to 10.00) | 5.00 (5.00 to 5.00) | 2.50 (2.50 to 2.50) | "
+                        "2.00 (2.00 to 2.00) | 4.00 (4.00 to 4.00) |")
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "main.py").write_text("")
+    (tmp_path / "model" / "algo.py").write_text("")
+    ok = dict(authors=str(tmp_path), torch_python=sys.executable)
+    for bad, message in [({"authors": str(tmp_path / "model")}, "is not a checkout of https://github.com/bytedance/FlowRL"),
+                         ({"torch_python": ""}, "--torch-python is required"),
+                         ({"torch_python": "/no/python"}, "cannot import torch"),
+                         ({"learning_starts": 100}, "need 256 <= --learning-starts"),
+                         ({"short": 1600}, "--short < --long"), ({"repeats": 0}, "--repeats must be at least 1")]:
+        with pytest.raises(SystemExit, match=message):
+            versus_flowrl.check(versus_flowrl.Args(**{**ok, **bad}))
