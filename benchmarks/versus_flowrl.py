@@ -2,7 +2,7 @@
 
     git clone https://github.com/bytedance/FlowRL /path/to/FlowRL             # their code, left untouched
     python3 -m venv /path/to/torch-venv                                       # torch only here, never in requirements.txt
-    /path/to/torch-venv/bin/pip install torch==2.13.0 gymnasium==1.4.0 mujoco==3.17.0 "numpy<2.5" tensorboard
+    /path/to/torch-venv/bin/pip install torch==2.13.0 gymnasium==1.4.0 mujoco==3.17.0 "numpy<2.5" tensorboard imageio
     python benchmarks/versus_flowrl.py --authors /path/to/FlowRL --torch-python /path/to/torch-venv/bin/python
 
 The figure is the marginal env steps/s after learning starts, as in benchmarks/versus_authors.py: each
@@ -222,11 +222,11 @@ def check(args: Args) -> None:
                          f"{args.short}, {args.long}")
     if args.repeats < 1:
         raise SystemExit(f"error: --repeats must be at least 1, got {args.repeats}")
-    probe = subprocess.run([args.torch_python, "-c", "import torch, gymnasium, mujoco, tensorboard"], capture_output=True,
+    probe = subprocess.run([args.torch_python, "-c", "import torch, gymnasium, mujoco, tensorboard, imageio"], capture_output=True,
                            text=True) if os.path.isfile(args.torch_python) else None
     if probe is None or probe.returncode != 0:
-        raise SystemExit(f"error: --torch-python {args.torch_python} cannot import torch, gymnasium, mujoco and "
-                         "tensorboard: pip install torch==2.13.0 gymnasium==1.4.0 mujoco==3.17.0 'numpy<2.5' tensorboard")
+        raise SystemExit(f"error: --torch-python {args.torch_python} cannot import torch, gymnasium, mujoco, tensorboard "
+                         "and imageio: pip install torch==2.13.0 gymnasium==1.4.0 mujoco==3.17.0 'numpy<2.5' tensorboard imageio")
 
 
 def main(argv=None) -> int:
