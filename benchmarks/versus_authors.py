@@ -300,6 +300,19 @@ def check(args: Args) -> None:
         raise SystemExit(f"error: --repeats must be at least 1, got {args.repeats}")
 
 
+MACHINE = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or 'cpu'}, no GPU"
+
+
+def write_results(args, rows: list[dict], lines: list[str]) -> None:
+    """{args.out}.md (the table's lines) and {args.out}.json (the machine, the arguments, the rows); prints the table."""
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(args.out + ".json", "w") as f:
+        json.dump({"machine": MACHINE, "args": vars(args), "rows": rows}, f, indent=1)
+    print("\n".join(lines))
+
+
 def main(argv=None) -> int:
     import tyro
 
@@ -326,14 +339,7 @@ def main(argv=None) -> int:
                           f"{statistics.median(row['theirs']):.2f} env steps/s, ratio {statistics.median(row['ratio']):.2f}",
                           flush=True)
                 rows.append(row)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or 'cpu'}, no GPU"
-    lines = table(rows, args, machine)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(args.out + ".json", "w") as f:
-        json.dump({"machine": machine, "args": vars(args), "rows": rows}, f, indent=1)
-    print("\n".join(lines))
+    write_results(args, rows, table(rows, args, MACHINE))
     return 0
 
 

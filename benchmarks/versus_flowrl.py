@@ -24,15 +24,16 @@ main.py sets OMP_NUM_THREADS=1 before importing torch; that is their choice and 
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+
+import versus_authors
+from versus_authors import MACHINE, write_results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIDES = ("ours", "theirs", "theirs_bf16")
@@ -170,13 +171,7 @@ def command(side: str, args: Args, env_id: str, steps: int, runner: str) -> list
 
 
 def timed(cmd: list[str], cwd: str) -> float:
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, env=dict(os.environ, MUJOCO_GL="egl", PYTHONWARNINGS="ignore"),
-                          capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"error: {' '.join(cmd[:3])}... exited {proc.returncode}:\n{proc.stderr[-2000:]}")
-    return elapsed
+    return versus_authors.timed(cmd, dict(os.environ, MUJOCO_GL="egl", PYTHONWARNINGS="ignore"), cwd)
 
 
 def time_task(args: Args, env_id: str, work: str, runner: str) -> dict:
@@ -244,14 +239,7 @@ def main(argv=None) -> int:
             print(f"{env_id}: " + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in row.items() if k != "env_id"),
                   flush=True)
             rows.append(row)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or 'cpu'}, no GPU"
-    lines = table(rows, args, machine)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(args.out + ".json", "w") as f:
-        json.dump({"machine": machine, "args": vars(args), "rows": rows}, f, indent=1)
-    print("\n".join(lines))
+    write_results(args, rows, table(rows, args, MACHINE))
     return 0
 
 
