@@ -19,7 +19,8 @@ DMControlEnv interface (their envs/dm_control.py builds only dm_control tasks an
 a `torchvision.io` (imported for videos, which are off; PyPI's torchvision does not load beside the
 CPU torch), the CPU where their policy names the GPU (`.cuda()`, `torch.device("cuda:0")`), and their config with the CPU device, --learning-starts, no evaluation and no saving. Their
 loop ends only at an episode's end, so the runner stops it after exactly the requested env steps. Their
-main.py sets OMP_NUM_THREADS=1 before importing torch; that is their choice and is kept.
+main.py sets OMP_NUM_THREADS=1 before importing torch; that is their choice and is kept (the runner,
+which must import torch first, makes the same setting before it; --their-threads 0 gives torch every core).
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ SIDES = ("ours", "theirs", "theirs_bf16")
 THEIR_BATCH = 256  # their default batch size
 
 RUNNER = '''"""Runs bytedance/FlowRL's main.py unchanged for a fixed number of env steps; written by
-benchmarks/versus_flowrl.py. argv: checkout env_id total_steps learning_starts seed bf16(0/1)"""
+benchmarks/versus_flowrl.py. argv: checkout env_id total_steps learning_starts seed bf16(0/1) omp_threads"""
 import os, runpy, sys, types
 
-checkout, env_id, total, starts, seed, bf16 = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
+checkout, env_id, total, starts, seed, bf16, threads = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:8])
 sys.path.insert(0, checkout)
 
 
@@ -103,6 +104,11 @@ from utilis.default_config import default_config  # the dict main.py reads
 
 default_config.update(start_steps=starts, num_steps=10 ** 12, eval=False, save=False, cuda=False)
 
+# main.py sets OMP_NUM_THREADS=1 before it imports torch, and OpenMP reads it when torch loads. torch loads
+# here first, so their setting is made here (threads 0: torch's default, every core).
+if threads:
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+
 # Their policy hard-codes the GPU (.cuda() on its action scale, torch.device("cuda:0") for its noise): on
 # this machine both mean the CPU.
 import torch
@@ -157,6 +163,8 @@ class Args:
     """seed of every run"""
     bf16: bool = True
     """also time theirs with its bf16 autocast on (--no-bf16: float32 only)"""
+    their_threads: int = 1
+    """OMP_NUM_THREADS of theirs: 1, as their main.py sets it; 0 leaves torch's default (every core)"""
     out: str = os.path.join(ROOT, "benchmarks", "results", "versus_flowrl_cpu")
     """writes {out}.md and {out}.json"""
 
@@ -167,7 +175,7 @@ def command(side: str, args: Args, env_id: str, steps: int, runner: str) -> list
                 "--total-timesteps", str(steps), "--learning-starts", str(args.learning_starts), "--eval-episodes", "0",
                 "--checkpoint-every", "0", "--no-progress"]
     return [args.torch_python, runner, os.path.abspath(args.authors), env_id, str(steps), str(args.learning_starts),
-            str(args.seed), "1" if side == "theirs_bf16" else "0"]
+            str(args.seed), "1" if side == "theirs_bf16" else "0", str(args.their_threads)]
 
 
 def timed(cmd: list[str], cwd: str) -> float:
@@ -178,6 +186,11 @@ def time_task(args: Args, env_id: str, work: str, runner: str) -> dict:
     """Marginal env steps/s of every side per repeat, the runs interleaved; ratios ours / theirs."""
     sides = SIDES if args.bf16 else SIDES[:2]
     rates = {side: [] for side in sides}
+    # torch.compile(mode="max-autotune") keeps what it tuned in a cache that a setting (bf16, the thread count)
+    # invalidates; an untimed run of each of their sides first, so that every timed run finds it warm and the
+    # difference of two runs does not hold a minute of tuning.
+    for side in sides[1:]:
+        timed(command(side, args, env_id, args.learning_starts + 10, runner), work)
     for r in range(args.repeats):
         order = [(side, args.short) for side in sides] + [(side, args.long) for side in reversed(sides)]
         times = {}
@@ -185,7 +198,11 @@ def time_task(args: Args, env_id: str, work: str, runner: str) -> dict:
             times[(side, steps)] = timed(command(side, args, env_id, steps, runner), work)
             print(f"{env_id} {side} {steps} steps: {times[(side, steps)]:.1f} s", flush=True)
         for side in sides:
-            rates[side].append((args.long - args.short) / (times[(side, args.long)] - times[(side, args.short)]))
+            extra = times[(side, args.long)] - times[(side, args.short)]
+            if extra <= 0:
+                raise SystemExit(f"error: {side}'s {args.long}-step run took no longer than its {args.short}-step run "
+                                 f"({extra:+.1f} s): its start-up varied between runs; try again with a longer --long")
+            rates[side].append((args.long - args.short) / extra)
     ratios = {f"ours/{side}": [o / t for o, t in zip(rates["ours"], rates[side])] for side in sides[1:]}
     return {**rates, **ratios}
 
@@ -194,10 +211,11 @@ def table(rows: list[dict], args: Args, machine: str) -> list[str]:
     cell = lambda xs: f"{statistics.median(xs):.2f} ({min(xs):.2f} to {max(xs):.2f})" if xs else "-"
     return [f"Marginal env steps/s after learning starts ({args.short} and {args.long} steps, --learning-starts "
             f"{args.learning_starts}, {args.repeats} interleaved repeats: median (min to max)): flowrl_jax.py against "
-            f"bytedance/FlowRL's main.py at its defaults on the CPU, float32 and with its bf16 autocast. Machine: "
+            f"bytedance/FlowRL's main.py at its defaults on the CPU, float32 and with its bf16 autocast, "
+            f"{'OMP_NUM_THREADS=%d' % args.their_threads if args.their_threads else 'torch on every core'}. Machine: "
             f"{machine}; {time.strftime('%Y-%m-%d')}. Command: python benchmarks/versus_flowrl.py --authors <checkout> "
             f"--torch-python <python with torch> --learning-starts {args.learning_starts} --short {args.short} "
-            f"--long {args.long} --repeats {args.repeats}", "",
+            f"--long {args.long} --repeats {args.repeats} --their-threads {args.their_threads}", "",
             "| task | ours | authors' (float32) | authors' (bf16 autocast) | ours / authors' float32 | ours / authors' bf16 |",
             "|---|---|---|---|---|---|",
             *[f"| {r['env_id']} | {cell(r['ours'])} | {cell(r['theirs'])} | {cell(r.get('theirs_bf16', []))} | "
@@ -217,6 +235,8 @@ def check(args: Args) -> None:
                          f"{args.short}, {args.long}")
     if args.repeats < 1:
         raise SystemExit(f"error: --repeats must be at least 1, got {args.repeats}")
+    if args.their_threads < 0:
+        raise SystemExit(f"error: --their-threads must be 0 (torch's default) or a thread count, got {args.their_threads}")
     probe = subprocess.run([args.torch_python, "-c", "import torch, gymnasium, mujoco, tensorboard, imageio"], capture_output=True,
                            text=True) if os.path.isfile(args.torch_python) else None
     if probe is None or probe.returncode != 0:

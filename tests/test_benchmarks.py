@@ -246,7 +246,8 @@ def test_versus_authors_table_gives_medians_and_spreads():
 FAKE_FLOWRL = {
     # The parts of bytedance/FlowRL the runner touches, each failing the way theirs does on this machine
     # unless the runner has supplied its stand-in; main.py records what it saw.
-    "torch/__init__.py": "class Tensor:\n    def cuda(self):\n        raise AssertionError('Torch not compiled with CUDA enabled')\n\n\n"
+    "torch/__init__.py": "import os\n\nOMP_AT_IMPORT = os.environ.get('OMP_NUM_THREADS')\n\n\n"
+                         "class Tensor:\n    def cuda(self):\n        raise AssertionError('Torch not compiled with CUDA enabled')\n\n\n"
                          "def device(name):\n    return name\n",
     "utilis/__init__.py": "",
     "utilis/default_config.py": "default_config = dict(start_steps=5000, num_steps=2000001, eval=True, save=True, cuda=True)\n",
@@ -271,7 +272,8 @@ env.seed(int(sys.argv[sys.argv.index("--seed") + 1]))
 agent = flowAC(config["cuda"])
 steps, episodes = 0, 0
 with open("seen.json", "w") as f:
-    json.dump({"config": config, "amp": agent.amp_enabled, "device": agent.policy.device,
+    import torch
+    json.dump({"config": config, "amp": agent.amp_enabled, "device": agent.policy.device, "omp": torch.OMP_AT_IMPORT,
                "max_steps": env._max_episode_steps, "obs": list(env.observation_space.shape)}, f)
 while True:
     state, done = env.reset(), False
@@ -297,6 +299,7 @@ def test_versus_flowrl_runner_supplies_what_their_main_needs_and_stops_at_the_st
     args = versus_flowrl.Args(authors=str(tmp_path / "flowrl"), torch_python=sys.executable, learning_starts=300, seed=3)
     cmd = versus_flowrl.command("theirs_bf16" if bf16 else "theirs", args, "Hopper-v4", 77, str(tmp_path / "runner.py"))
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "flowrl"))  # the fake torch
+    env.pop("OMP_NUM_THREADS", None)
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "stopped after 77 env steps" in proc.stdout
@@ -304,6 +307,7 @@ def test_versus_flowrl_runner_supplies_what_their_main_needs_and_stops_at_the_st
     seen = json.loads((tmp_path / "seen.json").read_text())
     assert seen["config"] == {"start_steps": 300, "num_steps": 10 ** 12, "eval": False, "save": False, "cuda": False}
     assert seen["amp"] is bool(bf16) and seen["device"] == "cpu" and seen["max_steps"] == 1000 and seen["obs"] == [11]
+    assert seen["omp"] == "1"  # their main.py's setting, in force when torch loads (before their main.py runs)
 
 
 def test_versus_flowrl_interleaves_the_runs_and_refuses_bad_input(tmp_path, monkeypatch):
@@ -313,7 +317,7 @@ def test_versus_flowrl_interleaves_the_runs_and_refuses_bad_input(tmp_path, monk
     order = []
 
     def fake_timed(cmd, cwd):
-        side = "ours" if cmd[1].endswith("flowrl_jax.py") else ("theirs_bf16" if cmd[-1] == "1" else "theirs")
+        side = "ours" if cmd[1].endswith("flowrl_jax.py") else ("theirs_bf16" if cmd[-2] == "1" else "theirs")
         steps = int(cmd[cmd.index("--total-timesteps") + 1] if side == "ours" else cmd[4])
         order.append((side, steps))
         return 10.0 + seconds[side] * (steps - 1000)
@@ -322,12 +326,16 @@ def test_versus_flowrl_interleaves_the_runs_and_refuses_bad_input(tmp_path, monk
     args = versus_flowrl.Args(authors="x", torch_python="y", repeats=2)
     rates = versus_flowrl.time_task(args, "Hopper-v4", str(tmp_path), "runner.py")
     first = [("ours", 1200), ("theirs", 1200), ("theirs_bf16", 1200), ("theirs_bf16", 1500), ("theirs", 1500), ("ours", 1500)]
-    assert order == first + first[::-1]
+    assert order == [("theirs", 1010), ("theirs_bf16", 1010)] + first + first[::-1]  # their caches warmed, untimed
     assert rates["ours"] == pytest.approx([10.0, 10.0]) and rates["theirs_bf16"] == pytest.approx([2.5, 2.5])
     assert rates["ours/theirs"] == pytest.approx([2.0, 2.0]) and rates["ours/theirs_bf16"] == pytest.approx([4.0, 4.0])
     lines = versus_flowrl.table([{"env_id": "Hopper-v4", **rates}], args, "test machine")
     assert lines[4] == ("| Hopper-v4 | 10.00 (10.00 to 10.00) | 5.00 (5.00 to 5.00) | 2.50 (2.50 to 2.50) | "
                         "2.00 (2.00 to 2.00) | 4.00 (4.00 to 4.00) |")
+    assert "OMP_NUM_THREADS=1" in lines[0] and "--their-threads 1" in lines[0]
+    seconds["theirs"] = -0.1  # a long run no longer than the short one (a start-up that varied): refused
+    with pytest.raises(SystemExit, match="theirs's 1500-step run took no longer than its 1200-step run"):
+        versus_flowrl.time_task(args, "Hopper-v4", str(tmp_path), "runner.py")
 
     (tmp_path / "model").mkdir()
     (tmp_path / "main.py").write_text("")
@@ -337,6 +345,102 @@ def test_versus_flowrl_interleaves_the_runs_and_refuses_bad_input(tmp_path, monk
                          ({"torch_python": ""}, "--torch-python is required"),
                          ({"torch_python": "/no/python"}, "cannot import torch"),
                          ({"learning_starts": 100}, "need 256 <= --learning-starts"),
-                         ({"short": 1600}, "--short < --long"), ({"repeats": 0}, "--repeats must be at least 1")]:
+                         ({"short": 1600}, "--short < --long"), ({"repeats": 0}, "--repeats must be at least 1"),
+                         ({"their_threads": -1}, "--their-threads must be 0")]:
         with pytest.raises(SystemExit, match=message):
             versus_flowrl.check(versus_flowrl.Args(**{**ok, **bad}))
+
+
+def test_profile_update_groups_traced_kernels_by_kind(tmp_path):
+    import gzip
+    import json
+
+    import profile_update
+
+    events = [{"ph": "X", "name": n, "dur": d} for n, d in [
+        ("ynn_fusion.12", 3000), ("ynn_fusion.3", 1000), ("dot.32", 500), ("broadcast_add_fusion.57", 400),
+        ("broadcast_add_fusion", 200), ("copy.656", 100), ("while", 50), ("ThunkExecutor::Execute", 9000),
+        ("$jax/_src/pjit.py:1 cache_miss", 9000), ("end: copy", 9000), ("PjitFunction(update)", 9000)]]
+    events.append({"ph": "i", "name": "ynn_fusion.1", "dur": 9000})  # not a complete event: not a kernel
+    (tmp_path / "plugins" / "profile").mkdir(parents=True)
+    with gzip.open(tmp_path / "plugins" / "profile" / "x.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    out = profile_update.kernel_breakdown(str(tmp_path), env_steps=2)
+    assert out["kinds_ms"] == pytest.approx({"matmul": 2.25, "broadcast_add_fusion": 0.3, "copy": 0.05, "while": 0.025})
+    assert tuple(out["top_kernels_ms"][0]) == ("ynn_fusion.12", 1.5)
+    assert profile_update.kernel_breakdown(str(tmp_path / "plugins" / "none"), 2) == {}
+
+
+FAKE_AUTHORS_SCRIPT = """
+import sys
+import jax
+import jax.numpy as jnp
+
+steps = int(sys.argv[sys.argv.index("--total-timesteps") + 1])
+starts = int(sys.argv[sys.argv.index("--learning-starts") + 1])
+
+
+@jax.jit
+def actor_apply_inference(x):
+    return jnp.tanh(x)
+
+
+@jax.jit
+def update_critic(w, x):
+    return w @ x  # 2 * 64**3 FLOPs
+
+
+@jax.jit
+def update_actor_and_alpha(w):
+    return w @ w @ w  # twice that
+
+
+@jax.jit
+def update_target(w):
+    inner = update_critic(w, w)  # traced inside: counted in its caller's program, not as a call
+    return 0.5 * w + 0.5 * inner
+
+
+w = jnp.eye(64)
+for step in range(steps):
+    if step >= starts:
+        actor_apply_inference(w)
+        update_critic(w, w)
+        if step % 3 == 0:
+            update_actor_and_alpha(w)
+        update_target(w)
+"""
+
+
+def test_profile_update_times_and_costs_the_authors_calls_from_outside(tmp_path):
+    import profile_update
+
+    (tmp_path / "SAC-FLOW" / "from_scratch_code").mkdir(parents=True)
+    (tmp_path / "SAC-FLOW" / "from_scratch_code" / "SAC_flow_gru_jax.py").write_text(FAKE_AUTHORS_SCRIPT)
+    (tmp_path / "work").mkdir()
+    args = profile_update.Args(authors=str(tmp_path / "SAC-FLOW"), their_steps=30)
+    row = profile_update.profile_theirs("sac_flow_g", args, str(tmp_path / "work"))
+    assert row["side"] == "theirs" and set(row["parts_ms"]) == {"actor_apply_inference", "update_critic",
+                                                                 "update_actor_and_alpha", "update_target"}
+    # per env step: the critic's matmul, the actor's two on one step in three, the target's matmul (its
+    # nested update_critic is part of its program, not a call of its own) plus a few 64x64 elementwise ops
+    mm = 2 * 64 ** 3
+    assert (mm + 2 * mm / 3 + mm) / 1e9 <= row["gflop"] <= (mm + 2 * mm / 3 + mm + 10 * 64 * 64) / 1e9
+    assert row["wall_ms"] == pytest.approx(row["parts_ms"]["update_critic"] + row["parts_ms"]["update_target"]
+                                           + row["parts_ms"]["actor_apply_inference"]
+                                           + row["parts_ms"]["update_actor_and_alpha"] * 10 / 30)
+    assert row["kinds_ms"], "the trace of 6 update_critic calls gave no kernels"
+    lines = profile_update.markdown([row], args, 100.0, "test machine")
+    assert lines[0].startswith("Where one env step's update goes") and "test machine" in lines[0]
+    cells = lines[4].split(" | ")
+    assert cells[0] == "| theirs" and cells[1] == "sac_flow_g" and float(cells[3]) == pytest.approx(row["gflop"], abs=0.006)
+
+
+def test_profile_update_refuses_bad_input(tmp_path):
+    import profile_update
+
+    for bad, message in [({"scripts": ["flowrl_jax"]}, "unknown script 'flowrl_jax'"), ({"calls": 0}, "--calls must be at least 1"),
+                         ({"their_steps": 29}, "--their-steps must be at least 30"),
+                         ({"authors": str(tmp_path)}, "SAC_flow_gru_jax.py does not exist")]:
+        with pytest.raises(SystemExit, match=message):
+            profile_update.check(profile_update.Args(**bad))
