@@ -19,8 +19,6 @@ the matmul time. Writes {out}.md and {out}.json.
 from __future__ import annotations
 
 import collections
-import glob
-import gzip
 import json
 import os
 import re
@@ -35,21 +33,16 @@ ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, BENCH)
 
 MATMUL = re.compile(r"^(ynn_fusion|dot|gemm|matmul|convolution)")
-RUNTIME = ("$", "ThunkExecutor", "PjitFunction", "SlinkyThreadPool", "CommonPjRt", "end: ", "ParseArguments")
 
 
 def kernel_breakdown(trace_dir: str, env_steps: int) -> dict:
-    """{kind: ms per env step} of the kernels in the trace under trace_dir, and the top kernels."""
-    files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
-    if not files:
+    """{kind: ms per env step} of the kernels in the trace under trace_dir, and the top kernels ({} if no trace)."""
+    from throughput import RUNTIME_EVENTS, traced_kernels
+
+    per_kernel = collections.Counter({name: us / 1e3 / env_steps for name, us in
+                                      traced_kernels(trace_dir, RUNTIME_EVENTS + ("end: ", "ParseArguments")).items()})
+    if not per_kernel:
         return {}
-    with gzip.open(files[0]) as f:
-        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
-    per_kernel = collections.Counter()
-    for e in events:
-        name = e.get("name", "")
-        if not name.startswith(RUNTIME) and "::" not in name:
-            per_kernel[name] += e["dur"] / 1e3 / env_steps
     kinds = collections.Counter()
     for name, ms in per_kernel.items():
         kinds["matmul" if MATMUL.match(name) else re.sub(r"[.\d]+$", "", name)] += ms

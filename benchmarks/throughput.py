@@ -194,6 +194,23 @@ def measure_update(module, env_id: str, steps: int, profile: bool) -> dict:
 MATMUL_KERNEL = re.compile(r"(^|[._])(dot|gemm|matmul|ynn|xnn|onednn|cublas|cutlass|convolution)", re.I)
 
 
+RUNTIME_EVENTS = ("$", "ThunkExecutor", "PjitFunction", "SlinkyThreadPool", "CommonPjRt")
+
+
+def traced_kernels(trace_dir: str, skip: tuple = RUNTIME_EVENTS) -> collections.Counter:
+    """{kernel name: microseconds} of the complete events of the jax.profiler trace under trace_dir ({} if
+    none), leaving out Python frames and runtime bookkeeping (names starting with `skip` or holding '::')."""
+    files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+    per_kernel = collections.Counter()
+    if files:
+        with gzip.open(files[0]) as f:
+            for e in json.load(f)["traceEvents"]:
+                name = e.get("name", "")
+                if e.get("ph") == "X" and not name.startswith(skip) and "::" not in name:
+                    per_kernel[name] += e["dur"]
+    return per_kernel
+
+
 def profile_update(update, agent, buf, steps: int) -> dict:
     """Share of the traced kernel time spent in matmul kernels (XLA CPU's ynn/dot, GPU gemms)."""
     import jax
@@ -204,18 +221,10 @@ def profile_update(update, agent, buf, steps: int) -> dict:
             agent, _ = update(agent, buf)
         jax.block_until_ready(agent)
         jax.profiler.stop_trace()
-        files = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)
-        if not files:
-            return {}
-        with gzip.open(files[0]) as f:
-            events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+        per_kernel = traced_kernels(d)
     per_kind = collections.Counter()
-    for e in events:
-        name = e.get("name", "")
-        if name.startswith(("$", "ThunkExecutor", "PjitFunction", "SlinkyThreadPool", "CommonPjRt")) or "::" in name:
-            continue  # Python frames and runtime bookkeeping, not kernels
-        kind = "matmul" if MATMUL_KERNEL.search(name) else re.sub(r"[.\d]+$", "", name)
-        per_kind[kind] += e["dur"]
+    for name, us in per_kernel.items():
+        per_kind["matmul" if MATMUL_KERNEL.search(name) else re.sub(r"[.\d]+$", "", name)] += us
     total = sum(per_kind.values())
     if not total:
         return {}
