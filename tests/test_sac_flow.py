@@ -5,6 +5,7 @@ import functools
 import math
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -243,6 +244,115 @@ def test_batch_renorm_evaluation_mode_uses_running_statistics():
     y = module.apply(variables, X)
     expected = (np.asarray(X) - [1.0, -1.0]) / np.sqrt(np.array([4.0, 0.25]) + EPS) * [2.0, 1.0] + [0.5, 0.0]
     np.testing.assert_allclose(y, expected, rtol=1e-6)
+
+
+def renorm_by_hand(x, scale, bias, ra_mean, ra_var, r_d=None, eps=EPS, r_max=1.5, d_max=3.0):
+    """Training-mode batch renorm in float64 numpy: (y, batch mean, batch var, (r, d)); `r_d` holds r and d fixed."""
+    mean, var = x.mean(0), x.var(0)
+    std, ra_std = np.sqrt(var + eps), np.sqrt(ra_var + eps)
+    r, d = r_d or (np.clip(std / ra_std, 1 / r_max, r_max), np.clip((mean - ra_mean) / ra_std, -d_max, d_max))
+    return ((x - mean) / std * r + d) * scale + bias, mean, var, (r, d)
+
+
+@pytest.mark.parametrize("renorm", [False, True])
+def test_batch_renorm_gradient_matches_central_differences(renorm):
+    # The written-out gradient (common/layers.py) against float64 central differences of the layer in
+    # numpy, with r and d held fixed as in the layer: through y and through the returned batch mean and
+    # variance, for x, scale and bias; nothing reaches the running statistics.
+    from common.layers import renorm_train
+
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(1.0, 3.0, (12, 3)), rng.normal(size=(12, 3))
+    scale, bias, ra_mean, w_mean, w_var = rng.normal(size=(5, 3))
+    ra_var = rng.uniform(0.2, 3.0, 3)
+    _, _, _, r_d = renorm_by_hand(x, scale, bias, ra_mean, ra_var)
+    r_d = r_d if renorm else (np.ones(3), np.zeros(3))
+
+    def loss_np(x, scale, bias):
+        y, mean, var, _ = renorm_by_hand(x, scale, bias, ra_mean, ra_var, r_d)
+        return np.sum(np.sin(y) * w) + mean @ w_mean + var @ w_var
+
+    def loss(x, scale, bias, ra_mean, ra_var):
+        y, mean, var = renorm_train(x, scale, bias, ra_mean, ra_var, jnp.asarray(renorm), EPS, 1.5, 3.0)
+        return jnp.sum(jnp.sin(y) * w) + mean @ w_mean + var @ w_var
+
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    grads = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*map(f32, (x, scale, bias, ra_mean, ra_var)))
+    point, h = [x, scale, bias], 1e-6
+    for i, grad in enumerate(grads[:3]):
+        numeric = np.zeros_like(point[i])
+        for j in np.ndindex(point[i].shape):
+            up, down = [p.copy() for p in point], [p.copy() for p in point]
+            up[i][j] += h
+            down[i][j] -= h
+            numeric[j] = (loss_np(*up) - loss_np(*down)) / (2 * h)
+        np.testing.assert_allclose(np.asarray(grad), numeric, rtol=1e-3, atol=1e-4)
+    assert not np.any(grads[3]) and not np.any(grads[4])
+
+
+class AutodiffBatchRenorm(G.BatchRenorm):
+    """The same layer with its gradient left to autodiff (the formula before common/layers.py wrote it out)."""
+
+    @nn.compact
+    def __call__(self, x):
+        if not self.train:
+            return super().__call__(x)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((x.shape[-1],), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((x.shape[-1],), jnp.float32))
+        calls = self.variable("batch_stats", "calls", lambda: jnp.zeros((), jnp.int32))
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+        axes = tuple(range(x.ndim - 1))
+        mean, var = jnp.mean(x, axes), jnp.var(x, axes)
+        std, ra_std = jnp.sqrt(var + self.epsilon), jnp.sqrt(ra_var.value + self.epsilon)
+        renorm = calls.value >= self.warmup
+        r = jnp.where(renorm, jax.lax.stop_gradient(jnp.clip(std / ra_std, 1 / self.r_max, self.r_max)), 1.0)
+        d = jnp.where(renorm, jax.lax.stop_gradient(jnp.clip((mean - ra_mean.value) / ra_std, -self.d_max, self.d_max)), 0.0)
+        if not self.is_initializing():
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * jax.lax.stop_gradient(mean)
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * jax.lax.stop_gradient(var)
+            calls.value = calls.value + 1
+        return ((x - mean) / std * r + d) * scale + bias
+
+
+@pytest.mark.parametrize("module", [G, T])
+def test_updates_with_the_written_out_renorm_gradient_equal_autodiffs(module, monkeypatch):
+    # The speed issue's check that the computation is unchanged: three updates (the third also updates the
+    # actor; the renorm corrections switch on at the third call of each layer) with the written-out gradient
+    # and with autodiff's, from the same agent and buffer, give the same losses, actor gradient norms and
+    # critics to float32 rounding. The actor's parameters after its Adam step are not compared: a parameter
+    # that batch renorm makes irrelevant (a bias just before one) has a gradient of rounding size, +-1e-8,
+    # which Adam's first step turns into a step of +-lr in either version.
+    from common.buffer import buffer_add, buffer_init
+
+    sizes = {"hidden_dim": 16, "time_emb_dim": 8} if module is G else {"d_model": 16, "n_heads": 2, "n_layers": 1}
+    args = module.Args(env_id="Hopper-v4", batch_size=32, critic_width=64, log_std_hidden=16, renorm_warmup=2,
+                       buffer_size=256, **sizes)
+    obs_dim, act_dim = 11, 3
+    rng = np.random.default_rng(0)
+    buf = buffer_init(args.buffer_size, obs_dim, act_dim)
+    for _ in range(200):
+        obs = rng.normal(size=obs_dim).astype(np.float32)
+        buf = buffer_add(buf, obs, rng.uniform(-1, 1, act_dim).astype(np.float32), np.float32(rng.normal()),
+                         obs + 0.1, np.float32(0.0))
+    seeds = lambda tree: jax.tree_util.tree_map(lambda a: a[None], tree)
+    runs = []
+    for layer in (G.BatchRenorm, AutodiffBatchRenorm):
+        monkeypatch.setattr(module, "BatchRenorm", layer)
+        agent, infos = seeds(module.create_agent(args, obs_dim, act_dim, jax.random.PRNGKey(0))), []
+        update = module.make_update(args, act_dim)
+        for _ in range(args.policy_delay):
+            agent, info = update(agent, seeds(buf))
+            infos.append({k: np.asarray(v) for k, v in info.items() if k != "finite"})
+        runs.append((agent, infos))
+    (ours, ours_info), (autodiff, autodiff_info) = runs
+    for a, b in zip(ours_info, autodiff_info):
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert ours_info[-1]["actor_loss"] != ours_info[0]["actor_loss"]  # the last update did update the actor
+    assert int(ours.critic.batch_stats["VmapQNetwork_0"]["BatchRenorm_1"]["calls"][0, 0]) == 3
+    for a, b in zip(jax.tree_util.tree_leaves(ours.critic), jax.tree_util.tree_leaves(autodiff.critic)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
