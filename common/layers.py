@@ -29,7 +29,7 @@ def _renorm_train_fwd(x, scale, bias, ra_mean, ra_var, renorm, epsilon, r_max, d
     r = jnp.where(renorm, jnp.clip(std / ra_std, 1.0 / r_max, r_max), 1.0)
     d = jnp.where(renorm, jnp.clip((mean - ra_mean) / ra_std, -d_max, d_max), 0.0)
     y = ((x - mean) / std * r + d) * scale + bias
-    return (y, mean, var), (x, mean, std, r, d, scale, ra_mean, ra_var)
+    return (y, mean, var), (x, mean, std, r, d, scale)
 
 
 def _renorm_train_bwd(epsilon, r_max, d_max, res, cotangents):
@@ -37,14 +37,14 @@ def _renorm_train_bwd(epsilon, r_max, d_max, res, cotangents):
     dx = scale r / sigma_B (dy - mean(dy) - x_hat mean(dy x_hat)), plus the direct terms of the
     returned mu_B and var_B (zero when, as here, they only feed the running statistics);
     d scale = sum(dy (r x_hat + d)), d bias = sum(dy); none to the running statistics."""
-    x, mean, std, r, d, scale, ra_mean, ra_var = res
+    x, mean, std, r, d, scale = res
     dy, d_mean, d_var = cotangents
     axes = tuple(range(x.ndim - 1))
     n = x.size // x.shape[-1]
     x_hat = (x - mean) / std
     sum_dy, sum_dy_x_hat = jnp.sum(dy, axes), jnp.sum(dy * x_hat, axes)
     dx = (scale * r / std) * (dy - sum_dy / n - x_hat * (sum_dy_x_hat / n)) + (d_mean + 2.0 * d_var * std * x_hat) / n
-    return dx, r * sum_dy_x_hat + d * sum_dy, sum_dy, jnp.zeros_like(ra_mean), jnp.zeros_like(ra_var), None
+    return dx, r * sum_dy_x_hat + d * sum_dy, sum_dy, jnp.zeros_like(mean), jnp.zeros_like(mean), None
 
 
 renorm_train.defvjp(_renorm_train_fwd, _renorm_train_bwd)
