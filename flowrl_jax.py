@@ -233,13 +233,12 @@ def create_agent(args: Args, obs_dim: int, act_dim: int, key) -> Agent:
 
     critic = state(q_net, q_net.init(k_q, s, a))
     q_beta = state(q_net, q_net.init(k_qb, s, a))
-    copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)  # own buffers: the update donates them
     return Agent(
         actor=state(actor_net, actor_net.init(k_actor, s, a, t)),
         critic=critic,
-        critic_target=copy(critic.params),
+        critic_target=critic.params,
         q_beta=q_beta,
-        q_beta_target=copy(q_beta.params),
+        q_beta_target=q_beta.params,
         value=state(v_net, v_net.init(k_v, s)),
         key=key,
         updates=jnp.zeros((), jnp.int32),
@@ -354,9 +353,11 @@ def make_update(args: Args, act_dim: int, sharding=None):
         do_actor = (agent.updates[0] + 1) % args.policy_frequency == 0
         return seed_map(update, args.num_seeds, in_axes=(0, 0, None))(agent, buf, do_actor)
 
-    # --debug-nans re-runs a call that made a NaN on its inputs, so they must not be donated.
+    # The agent is not donated: with its buffers aliased to the outputs, XLA copies the weights and Adam moments
+    # before the update (the fused Adam step reads the old moments it overwrites); fresh outputs made the update
+    # faster on CPU, bit-identical (benchmarks/results/donation_cpu.md).
     # The outputs keep the inputs' seed sharding, so the next call finds the same signature (one compile).
-    return jax.jit(update_seeds, donate_argnums=() if args.debug_nans else 0, out_shardings=sharding)
+    return jax.jit(update_seeds, out_shardings=sharding)
 
 
 # ---------------------------------------------------------------------------------------------

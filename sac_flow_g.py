@@ -434,8 +434,7 @@ def create_agent(args: Args, obs_dim: int, act_dim: int, key) -> Agent:
     critic = normed_state(critic_net.init(k_critic, s, a), critic_net.apply, args.q_lr)
     log_alpha = as_array(TrainState.create(apply_fn=None, params={"log_alpha": jnp.log(jnp.float32(args.alpha))},
                                            tx=adam(args.alpha_lr)))
-    copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)  # own buffers: the update donates them
-    target = copy(critic.variables) if args.target_network else None
+    target = critic.variables if args.target_network else None
     info = {name: jnp.zeros((), jnp.float32) for name in ACTOR_METRICS}
     info["grad_norms"] = jnp.zeros((args.flow_steps,), jnp.float32)
     return Agent(actor=actor, critic=critic, critic_target=target, log_alpha=log_alpha, key=key,
@@ -451,7 +450,7 @@ def polyak(online, target, tau: float):
 def make_update(args: Args, act_dim: int, sharding=None, units_scale=1.0):
     """Build the jitted gradient step of every seed: sample a batch from the device buffer, update the critics;
     every `policy_delay` critic updates also the actor and log alpha. One compiled call per env
-    step, the agent donated (updated in place). The buffer is only read here; the newest transition
+    step; the agent is not donated (see the end of this function). The buffer is only read here; the newest transition
     goes in by its own donated call just before. Inserting inside this function made XLA copy the
     whole buffer on every step (the batch gather fuses with the insert): 36 ms per step at 1e6
     transitions on CPU, against 0.1 ms for the separate insert. `units_scale`: the env's action
@@ -534,9 +533,11 @@ def make_update(args: Args, act_dim: int, sharding=None, units_scale=1.0):
         do_actor = (agent.updates[0] + 1) % args.policy_delay == 0
         return seed_map(update, args.num_seeds, in_axes=(0, 0, None))(agent, buf, do_actor)
 
-    # --debug-nans re-runs a call that made a NaN on its inputs, so they must not be donated.
+    # The agent is not donated: with its buffers aliased to the outputs, XLA copies every critic weight and both
+    # Adam moments before the update (the fused Adam step reads the old moments it overwrites), 25 MiB per call;
+    # fresh outputs made the update 4-7% faster on CPU, bit-identical (benchmarks/results/donation_cpu.md).
     # The outputs keep the inputs' seed sharding, so the next call finds the same signature (one compile).
-    return jax.jit(update_seeds, donate_argnums=() if args.debug_nans else 0, out_shardings=sharding)
+    return jax.jit(update_seeds, out_shardings=sharding)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -444,3 +444,21 @@ def test_profile_update_refuses_bad_input(tmp_path):
                          ({"authors": str(tmp_path)}, "SAC_flow_gru_jax.py does not exist")]:
         with pytest.raises(SystemExit, match=message):
             profile_update.check(profile_update.Args(**bad))
+
+
+@pytest.mark.parametrize("script", ["flowrl_jax", "sac_flow_g"])
+def test_donation_benchmark_finds_the_copies_that_donating_the_agent_costs(script):
+    """The benchmark's donated variant (jax.jit wrapped while make_update runs) must really donate: XLA copies
+    the weights and Adam moments before updating them, the scripts' fresh-output update copies far less, and
+    the two end bit-identical after whole policy-delay cycles."""
+    import jax
+
+    import donation
+
+    small = {"flowrl_jax": dict(hidden_dim=32, batch_size=32, buffer_size=600),
+             "sac_flow_g": dict(hidden_dim=16, log_std_hidden=16, critic_width=32, batch_size=32, buffer_size=600)}
+    jit = jax.jit
+    row = donation.measure(script, "Hopper-v4", cycles=1, **small[script])
+    assert jax.jit is jit  # the wrapper is undone
+    assert row["bit_identical"] and row["policy_delay"] >= 2
+    assert row["donated"]["copied_mib"] > 2 * row["fresh outputs"]["copied_mib"]
