@@ -56,14 +56,14 @@ def donating_jit():
         jax.jit = original
 
 
-def copied_mib(update, agent, buf) -> float:
-    """MiB that the compiled program's own copy instructions write (each forced branch of lax.cond)."""
+def copied_mib(build, agent, buf) -> float:
+    """MiB that the copy instructions of the update `build()` makes write (the mean of lax.cond's two branches)."""
     from throughput import forced_cond
 
     total = 0.0
     for actor in (False, True):
         with forced_cond(actor):
-            text = update().lower(agent, buf).compile().as_text()
+            text = build().lower(agent, buf).compile().as_text()
         entry = text[text.index("ENTRY"):]
         for dims in re.findall(r"= f32\[([\d,]*)\]\{[\d,]*\} copy\(", entry):
             total += np.prod([int(d) for d in dims.split(",") if d] or [1]) * 4 / 2**20
