@@ -174,7 +174,13 @@ class MultiHeadAttention(nn.Module):
     """Scaled dot-product attention of `query` tokens (B, L, d) over `memory` tokens (B, M, d).
 
     `mask` (L, M), True where attending is allowed. Returns the output (B, L, d) and the
-    attention weights (B, heads, L, M), the latter for inspection."""
+    attention weights (B, heads, L, M), the latter for inspection.
+
+    With one memory token (M = 1: Flow-T's cross-attention to the state token, and its
+    self-attention, one token per rollout step) every softmax has a single entry, so every weight is
+    exactly 1 whatever the query and key projections give, and their gradients are exactly zero (in
+    the authors' code too): the output is out(value(memory)), computed without them, to the same
+    bits. Their parameters are still created, so the parameter tree is the general layer's."""
 
     d_model: int
     n_heads: int
@@ -183,15 +189,19 @@ class MultiHeadAttention(nn.Module):
     def __call__(self, query, memory, mask=None):
         head_dim = self.d_model // self.n_heads
         split = lambda y: y.reshape(y.shape[:-1] + (self.n_heads, head_dim))
+        value, out = nn.Dense(self.d_model, name="value"), nn.Dense(self.d_model, name="out")
+        if memory.shape[-2] == 1 and not self.is_initializing():
+            weights = jnp.ones(query.shape[:-2] + (self.n_heads, query.shape[-2], 1), query.dtype)
+            return jnp.broadcast_to(out(value(memory)), query.shape), weights
         q = split(nn.Dense(self.d_model, name="query")(query))
         k = split(nn.Dense(self.d_model, name="key")(memory))
-        v = split(nn.Dense(self.d_model, name="value")(memory))
+        v = split(value(memory))
         logits = jnp.einsum("blhd,bmhd->bhlm", q, k) / jnp.sqrt(head_dim)
         if mask is not None:
             logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
         weights = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bhlm,bmhd->blhd", weights, v).reshape(query.shape[:-1] + (self.d_model,))
-        return nn.Dense(self.d_model, name="out")(out), weights
+        attended = jnp.einsum("bhlm,bmhd->blhd", weights, v).reshape(query.shape[:-1] + (self.d_model,))
+        return out(attended), weights
 
 
 class DecoderBlock(nn.Module):

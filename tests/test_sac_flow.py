@@ -315,16 +315,14 @@ class AutodiffBatchRenorm(G.BatchRenorm):
         return ((x - mean) / std * r + d) * scale + bias
 
 
-@pytest.mark.parametrize("module", [G, T])
-def test_updates_with_the_written_out_renorm_gradient_equal_autodiffs(module, monkeypatch):
-    # The speed issue's check that the computation is unchanged: three updates (the third also updates the
-    # actor; the renorm corrections switch on at the third call of each layer) with the written-out gradient
-    # and with autodiff's, from the same agent and buffer, give the same losses, actor gradient norms and
-    # critics to float32 rounding. The actor's parameters after its Adam step are not compared: a parameter
-    # that batch renorm makes irrelevant (a bias just before one) has a gradient of rounding size, +-1e-8,
-    # which Adam's first step turns into a step of +-lr in either version.
+def small_updates(module, monkeypatch, **replaced):
+    """Three updates of small networks (the third also updates the actor; the renorm corrections switch
+    on at the third call of each layer) from a fixed agent and buffer, with the module's classes in
+    `replaced` swapped in: (agent, [info of each update])."""
     from common.buffer import buffer_add, buffer_init
 
+    for name, cls in replaced.items():
+        monkeypatch.setattr(module, name, cls)
     sizes = {"hidden_dim": 16, "time_emb_dim": 8} if module is G else {"d_model": 16, "n_heads": 2, "n_layers": 1}
     args = module.Args(env_id="Hopper-v4", batch_size=32, critic_width=64, log_std_hidden=16, renorm_warmup=2,
                        buffer_size=256, **sizes)
@@ -336,16 +334,23 @@ def test_updates_with_the_written_out_renorm_gradient_equal_autodiffs(module, mo
         buf = buffer_add(buf, obs, rng.uniform(-1, 1, act_dim).astype(np.float32), np.float32(rng.normal()),
                          obs + 0.1, np.float32(0.0))
     seeds = lambda tree: jax.tree_util.tree_map(lambda a: a[None], tree)
-    runs = []
-    for layer in (G.BatchRenorm, AutodiffBatchRenorm):
-        monkeypatch.setattr(module, "BatchRenorm", layer)
-        agent, infos = seeds(module.create_agent(args, obs_dim, act_dim, jax.random.PRNGKey(0))), []
-        update = module.make_update(args, act_dim)
-        for _ in range(args.policy_delay):
-            agent, info = update(agent, seeds(buf))
-            infos.append({k: np.asarray(v) for k, v in info.items() if k != "finite"})
-        runs.append((agent, infos))
-    (ours, ours_info), (autodiff, autodiff_info) = runs
+    agent, infos = seeds(module.create_agent(args, obs_dim, act_dim, jax.random.PRNGKey(0))), []
+    update = module.make_update(args, act_dim)
+    for _ in range(args.policy_delay):
+        agent, info = update(agent, seeds(buf))
+        infos.append({k: np.asarray(v) for k, v in info.items() if k != "finite"})
+    return agent, infos
+
+
+@pytest.mark.parametrize("module", [G, T])
+def test_updates_with_the_written_out_renorm_gradient_equal_autodiffs(module, monkeypatch):
+    # The speed issue's check that the computation is unchanged: three updates with the written-out gradient
+    # and with autodiff's give the same losses, actor gradient norms and critics to float32 rounding. The
+    # actor's parameters after its Adam step are not compared: a parameter that batch renorm makes
+    # irrelevant (a bias just before one) has a gradient of rounding size, +-1e-8, which Adam's first step
+    # turns into a step of +-lr in either version.
+    ours, ours_info = small_updates(module, monkeypatch, BatchRenorm=G.BatchRenorm)
+    autodiff, autodiff_info = small_updates(module, monkeypatch, BatchRenorm=AutodiffBatchRenorm)
     for a, b in zip(ours_info, autodiff_info):
         for k in a:
             np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
@@ -353,6 +358,43 @@ def test_updates_with_the_written_out_renorm_gradient_equal_autodiffs(module, mo
     assert int(ours.critic.batch_stats["VmapQNetwork_0"]["BatchRenorm_1"]["calls"][0, 0]) == 3
     for a, b in zip(jax.tree_util.tree_leaves(ours.critic), jax.tree_util.tree_leaves(autodiff.critic)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+class MaskedPairAttention(T.MultiHeadAttention):
+    """Flow-T's attention made to take the general path with one token: the memory gets a second
+    token that the mask hides, whose softmax weight is then exactly 0."""
+
+    @nn.compact
+    def __call__(self, query, memory, mask=None):
+        if memory.shape[-2] != 1 or self.is_initializing():
+            return super().__call__(query, memory, mask)
+        allowed = jnp.ones((query.shape[-2], 1), bool) if mask is None else mask
+        hidden = jnp.zeros((query.shape[-2], 1), bool)
+        out, weights = super().__call__(query, jnp.concatenate([memory, jnp.ones_like(memory)], axis=-2),
+                                        jnp.concatenate([allowed, hidden], axis=-1))
+        assert weights.shape[-1] == 2
+        return out, weights[..., :1]
+
+
+def test_flow_t_single_token_attention_skips_query_and_key_to_the_same_bits(monkeypatch):
+    # The speed issue's check for Flow-T's attention shortcut: with one memory token the weights are exactly
+    # 1, so out(value(memory)) is the attention's output. Three updates with it and with the general
+    # path (queries, keys, softmax) give the same losses, agent and Adam states, bit for bit; the query
+    # and key projections exist in both and stay at their initial values (zero gradient).
+    fast, fast_info = small_updates(T, monkeypatch, MultiHeadAttention=T.MultiHeadAttention)
+    general, general_info = small_updates(T, monkeypatch, MultiHeadAttention=MaskedPairAttention)
+    for a, b in zip(fast_info, general_info):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    for a, b in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(general)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    block = fast.actor.params["velocity"]["blocks_0"]
+    initial = T.create_agent(T.Args(env_id="Hopper-v4", d_model=16, n_heads=2, n_layers=1, log_std_hidden=16,
+                                    critic_width=64), 11, 3, jax.random.PRNGKey(0)).actor.params["velocity"]["blocks_0"]
+    for attention in ("self_attention", "cross_attention"):
+        for proj in ("query", "key"):
+            np.testing.assert_array_equal(block[attention][proj]["kernel"][0], initial[attention][proj]["kernel"])
+        assert not np.array_equal(block[attention]["value"]["kernel"][0], initial[attention]["value"]["kernel"])
 
 
 # ---------------------------------------------------------------------------------------------
