@@ -105,8 +105,11 @@ def read_wandb_offline(path: str) -> dict:
 
 
 def wandb_offline_runs(log_dir: str) -> list[dict]:
-    """Every offline wandb run file under a log folder, oldest session first (read_wandb_offline)."""
-    return [read_wandb_offline(f) for f in sorted(glob.glob(os.path.join(log_dir, "wandb", "offline-run-*", "run-*.wandb")))]
+    """Every offline wandb run file under a log folder, oldest session first (read_wandb_offline). Ordered by
+    when each file was last written, not by folder name: a session resumed within the same second gets the
+    folder name with "-1" appended, which sorts before the first one's."""
+    files = glob.glob(os.path.join(log_dir, "wandb", "offline-run-*", "run-*.wandb"))
+    return [read_wandb_offline(f) for f in sorted(files, key=lambda f: os.stat(f).st_mtime_ns)]
 
 
 def assert_wandb_matches_tensorboard(log_dir: str, tags, config: dict) -> None:
