@@ -174,13 +174,9 @@ class MultiHeadAttention(nn.Module):
     """Scaled dot-product attention of `query` tokens (B, L, d) over `memory` tokens (B, M, d).
 
     `mask` (L, M), True where attending is allowed. Returns the output (B, L, d) and the
-    attention weights (B, heads, L, M), the latter for inspection.
-
-    With one memory token (M = 1: Flow-T's cross-attention to the state token, and its
-    self-attention, one token per rollout step) every softmax has a single entry, so every weight is
-    exactly 1 whatever the query and key projections give, and their gradients are exactly zero (in
-    the authors' code too): the output is out(value(memory)), computed without them, to the same
-    bits. Their parameters are still created, so the parameter tree is the general layer's."""
+    attention weights (B, heads, L, M), the latter for inspection. With one memory token (Flow-T's
+    attention, both kinds) every weight is exactly 1, so the output is out(value(memory)), to the same
+    bits without the query and key projections (created all the same, for the general parameter tree)."""
 
     d_model: int
     n_heads: int

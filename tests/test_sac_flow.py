@@ -315,6 +315,12 @@ class AutodiffBatchRenorm(G.BatchRenorm):
         return ((x - mean) / std * r + d) * scale + bias
 
 
+def small_args(module):
+    sizes = {"hidden_dim": 16, "time_emb_dim": 8} if module is G else {"d_model": 16, "n_heads": 2, "n_layers": 1}
+    return module.Args(env_id="Hopper-v4", batch_size=32, critic_width=64, log_std_hidden=16, renorm_warmup=2,
+                       buffer_size=256, **sizes)
+
+
 def small_updates(module, monkeypatch, **replaced):
     """Three updates of small networks (the third also updates the actor; the renorm corrections switch
     on at the third call of each layer) from a fixed agent and buffer, with the module's classes in
@@ -323,9 +329,7 @@ def small_updates(module, monkeypatch, **replaced):
 
     for name, cls in replaced.items():
         monkeypatch.setattr(module, name, cls)
-    sizes = {"hidden_dim": 16, "time_emb_dim": 8} if module is G else {"d_model": 16, "n_heads": 2, "n_layers": 1}
-    args = module.Args(env_id="Hopper-v4", batch_size=32, critic_width=64, log_std_hidden=16, renorm_warmup=2,
-                       buffer_size=256, **sizes)
+    args = small_args(module)
     obs_dim, act_dim = 11, 3
     rng = np.random.default_rng(0)
     buf = buffer_init(args.buffer_size, obs_dim, act_dim)
@@ -389,8 +393,7 @@ def test_flow_t_single_token_attention_skips_query_and_key_to_the_same_bits(monk
     for a, b in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(general)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     block = fast.actor.params["velocity"]["blocks_0"]
-    initial = T.create_agent(T.Args(env_id="Hopper-v4", d_model=16, n_heads=2, n_layers=1, log_std_hidden=16,
-                                    critic_width=64), 11, 3, jax.random.PRNGKey(0)).actor.params["velocity"]["blocks_0"]
+    initial = T.create_agent(small_args(T), 11, 3, jax.random.PRNGKey(0)).actor.params["velocity"]["blocks_0"]
     for attention in ("self_attention", "cross_attention"):
         for proj in ("query", "key"):
             np.testing.assert_array_equal(block[attention][proj]["kernel"][0], initial[attention][proj]["kernel"])
