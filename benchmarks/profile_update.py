@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import resource
 import re
 import subprocess
 import sys
@@ -117,6 +118,9 @@ class Args:
     """env steps of theirs after learning starts (at least 30: the first 20 warm up, the next 6 are traced)"""
     out: str = os.path.join(ROOT, "benchmarks", "results", "profile_update_cpu")
     """writes {out}.md and {out}.json"""
+    keep_freed_memory: bool = True
+    """our worker keeps freed memory as the scripts' training runs do (common/run.py); --no-keep-freed-memory
+    measures it with glibc's default malloc"""
     worker: str = ""
     """internal: profile our script of this name in this process and print its JSON"""
 
@@ -129,8 +133,10 @@ def profile_ours(name: str, args: Args) -> dict:
 
     import throughput
     from common.env import make_env
+    from common.run import keep_freed_memory
 
     sys.path.insert(0, ROOT)
+    kept = keep_freed_memory() if args.keep_freed_memory else False
     module = importlib.import_module(name)
     env = make_env(args.env_id, 0)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
@@ -140,19 +146,20 @@ def profile_ours(name: str, args: Args) -> dict:
     agent = one_seed(module.create_agent(margs, obs_dim, act_dim, jax.random.PRNGKey(0)))
     buf = one_seed(throughput.filled_buffer(margs, obs_dim, act_dim, max(margs.batch_size, 4096)))
     delay = throughput._policy_delay(margs)
-    ms, gflop = {}, {}
+    ms, gflop, faults = {}, {}, {}
     for actor in (False, True):
         with throughput.forced_cond(actor):  # the whole block: a call outside it could trace the update again
             update = module.make_update(margs, act_dim)
             gflop[actor] = throughput._flops(update.lower(agent, buf).compile()) / 1e9
             for _ in range(3):
                 agent, _ = update(agent, buf)
-            times = []
+            times, before = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             for _ in range(args.calls):
                 t = time.perf_counter()
                 agent, _ = jax.block_until_ready(update(agent, buf))
                 times.append(time.perf_counter() - t)
         ms[actor] = 1e3 * float(np.median(times))
+        faults[actor] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / args.calls
     update = module.make_update(margs, act_dim)
     for _ in range(delay):
         agent, _ = jax.block_until_ready(update(agent, buf))
@@ -165,7 +172,8 @@ def profile_ours(name: str, args: Args) -> dict:
         kernels = kernel_breakdown(trace, args.cycles * delay)
     return {"side": "ours", "script": name, "wall_ms": ms[False] + (ms[True] - ms[False]) / delay,
             "gflop": gflop[False] + (gflop[True] - gflop[False]) / delay, "parts_ms": {"critic step": ms[False],
-            "critic and actor step": ms[True]}, **kernels}
+            "critic and actor step": ms[True]}, "page_faults": {"critic step": faults[False],
+            "critic and actor step": faults[True]}, "keep_freed_memory": kept, **kernels}
 
 
 def profile_theirs(name: str, args: Args, work: str) -> dict:
@@ -250,7 +258,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as work:
         for name in args.scripts:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--env-id", args.env_id,
-                   "--calls", str(args.calls), "--cycles", str(args.cycles)]
+                   "--calls", str(args.calls), "--cycles", str(args.cycles),
+                   "--keep-freed-memory" if args.keep_freed_memory else "--no-keep-freed-memory"]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:

@@ -270,6 +270,9 @@ def device_peak_mb() -> float:
 
 
 def worker(spec: str, args: Args) -> dict:
+    from common.run import keep_freed_memory
+
+    keep_freed_memory()  # as the scripts' training runs do (the timed loop below is one)
     module_name, env_id = spec.split(":", 1)
     module = importlib.import_module(module_name)
     row = {"script": module_name, "env_id": env_id}

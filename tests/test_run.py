@@ -3,6 +3,7 @@
 
 import os
 import signal
+import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -37,6 +38,34 @@ def test_exit_status_is_one_line_per_kind_of_failure(capsys, error, code, fragme
     assert status.code == code
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(fragment), err
+
+
+# Faults of a second 64 MiB allocation after the first was freed (the allocator's choice decides it).
+REFAULTS = """
+import resource, sys
+import numpy as np
+sys.path.insert(0, {root!r})
+from common.run import keep_freed_memory
+print(keep_freed_memory() if {keep} else False)
+for _ in range(2):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a = np.ones(64 << 20, np.uint8)
+    del a
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
+def test_keep_freed_memory_serves_a_freed_large_buffer_again_without_faulting_it_in():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = {keep: subprocess.run([sys.executable, "-c", REFAULTS.format(root=root, keep=keep)], capture_output=True,
+                                 text=True, check=True).stdout.split() for keep in (False, True)}
+    if runs[True][0] != "True":
+        pytest.skip("not glibc")
+    # By default the freed buffer went back to the OS and each of its pages faults in again (at most 2 MiB
+    # each, where numpy asks for huge pages); kept, it is reused as it was.
+    assert int(runs[False][1]) >= (64 << 20) // (2 << 20)
+    assert int(runs[True][1]) < 8
 
 
 def test_exit_status_is_0_and_a_bug_keeps_its_traceback():
