@@ -42,6 +42,7 @@ from common.buffer import SequenceBuffer, sample_chunks, sequence_add, sequence_
 from common.checkpoint import Diverged, StopOnSignal, check_metrics, finite_flags
 from common.datasets import ROBOMIMIC_ID, load_dataset, robomimic_task
 from common.env import ConfigError, check_env_id, check_ranges, evaluate_chunks, make_env, seed_everything
+from common.run import keep_freed_memory
 from common.tracking import RunWriter, check_tracking
 
 
@@ -653,6 +654,7 @@ def train(args: Args) -> dict:
           f"BC weight {offline_bc:g} offline, {online_bc:g} online ({bc_source})"
           + (f"; Robomimic {robomimic}: rewards shifted by {shift:g}" if robomimic is not None else ""))
 
+    keep_freed_memory()  # the updates' buffers stay mapped between calls (after the dataset's temporaries are gone)
     k_agent, k_act, k_eval = jax.random.split(seed_everything(args.seed), 3)
     agent = create_agent(args, obs_dim, args.horizon * act_dim, k_agent)
     buf = sequence_buffer(data, n_data + args.online_steps)  # never overwrites: the dataset stays in it

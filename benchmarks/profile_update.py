@@ -21,8 +21,8 @@ from __future__ import annotations
 import collections
 import json
 import os
-import resource
 import re
+import resource
 import subprocess
 import sys
 import tempfile

@@ -1,8 +1,9 @@
 """Everything around a script's training loop, written once for the three scripts.
 
 A script keeps what is its method: networks, losses, the jitted update, how it acts. `TrainingRun`
-keeps what every run does the same way: the run folder and one TensorBoard run per seed, the seeds
-and their sharding over devices, the training and evaluation envs, a fresh or restored agent,
+keeps what every run does the same way: the memory XLA frees (keep_freed_memory), the run folder
+and one TensorBoard run per seed, the seeds and their sharding over devices, the training and
+evaluation envs, a fresh or restored agent,
 episode and loss logging with SPS, evaluation every --eval-every steps, checkpoints every
 --checkpoint-every steps or on Ctrl-C/SIGTERM, the divergence stop, --debug-nans, --save-model and
 the final summary. A script's `train` then reads as its loop:
