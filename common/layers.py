@@ -79,7 +79,13 @@ class BatchRenorm(nn.Module):
     warmup: int = 100_000
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, *more):
+        """Normalise x; given more inputs, normalise their concatenation [x, *more] and return the parts
+        normalised, each by its own slice of the statistics in evaluation mode: an input that is the same
+        at every call (the observation at every flow step) then gets the same computation each time,
+        which XLA merges into one."""
+        parts = (x, *more)
+        x = jnp.concatenate(parts, axis=-1) if more else x
         features = x.shape[-1]
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
@@ -88,7 +94,7 @@ class BatchRenorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (features,))
         if not self.train:
             gain = scale / jnp.sqrt(ra_var.value + self.epsilon)  # per feature: no division per element
-            return (x - ra_mean.value) * gain + bias
+            return split_features(parts, lambda p, f: (p - ra_mean.value[f]) * gain[f] + bias[f])
         y, mean, var = renorm_train(x, scale, bias, ra_mean.value, ra_var.value, calls.value >= self.warmup,
                                     self.epsilon, self.r_max, self.d_max)
         if not self.is_initializing():
@@ -96,4 +102,13 @@ class BatchRenorm(nn.Module):
             ra_mean.value = m * ra_mean.value + (1.0 - m) * jax.lax.stop_gradient(mean)
             ra_var.value = m * ra_var.value + (1.0 - m) * jax.lax.stop_gradient(var)
             calls.value = calls.value + 1
-        return y
+        return split_features(parts, lambda p, f: y[..., f])
+
+
+def split_features(parts, fn):
+    """fn(part, its slice of the concatenated features) for each part: one array for one part, else a tuple."""
+    out, start = [], 0
+    for p in parts:
+        out.append(fn(p, slice(start, start + p.shape[-1])))
+        start += p.shape[-1]
+    return out[0] if len(out) == 1 else tuple(out)

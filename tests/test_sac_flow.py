@@ -14,6 +14,7 @@ from scipy import stats
 
 import sac_flow_g as G
 import sac_flow_t as T
+from common.layers import split_features
 from helpers import all_finite, assert_wandb_matches_tensorboard, only_run_dir, read_scalars, run_script
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +247,21 @@ def test_batch_renorm_evaluation_mode_uses_running_statistics():
     np.testing.assert_allclose(y, expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_renorm_of_parts_is_the_concatenation_normalised_and_split(train):
+    # norm(s, x) returns [s, x] normalised as one input, in two parts (each by its own slice of the
+    # running statistics in eval mode), with the same statistics updates, bit for bit.
+    module = G.BatchRenorm(train=train, momentum=0.9, epsilon=EPS, warmup=0)
+    s, x = jnp.array([[1.0, 2.0, 0.5], [3.0, 6.0, -1.0]]), jnp.array([[0.3], [-2.0]])
+    variables = randomised(module.init(jax.random.PRNGKey(0), jnp.concatenate([s, x], -1)))
+    whole, new_whole = module.apply(variables, jnp.concatenate([s, x], -1), mutable=["batch_stats"])
+    (s_hat, x_hat), new_parts = module.apply(variables, s, x, mutable=["batch_stats"])
+    np.testing.assert_array_equal(np.asarray(s_hat), np.asarray(whole)[:, :3])
+    np.testing.assert_array_equal(np.asarray(x_hat), np.asarray(whole)[:, 3:])
+    for a, b in zip(jax.tree_util.tree_leaves(new_whole), jax.tree_util.tree_leaves(new_parts)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def renorm_by_hand(x, scale, bias, ra_mean, ra_var, r_d=None, eps=EPS, r_max=1.5, d_max=3.0):
     """Training-mode batch renorm in float64 numpy: (y, batch mean, batch var, (r, d)); `r_d` holds r and d fixed."""
     mean, var = x.mean(0), x.var(0)
@@ -294,9 +310,11 @@ class AutodiffBatchRenorm(G.BatchRenorm):
     """The same layer with its gradient left to autodiff (the formula before common/layers.py wrote it out)."""
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, *more):
         if not self.train:
-            return super().__call__(x)
+            return super().__call__(x, *more)
+        parts = (x, *more)
+        x = jnp.concatenate(parts, -1)
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((x.shape[-1],), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((x.shape[-1],), jnp.float32))
         calls = self.variable("batch_stats", "calls", lambda: jnp.zeros((), jnp.int32))
@@ -312,7 +330,8 @@ class AutodiffBatchRenorm(G.BatchRenorm):
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * jax.lax.stop_gradient(mean)
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * jax.lax.stop_gradient(var)
             calls.value = calls.value + 1
-        return ((x - mean) / std * r + d) * scale + bias
+        y = ((x - mean) / std * r + d) * scale + bias
+        return split_features(parts, lambda p, f: y[..., f])
 
 
 def small_args(module):
@@ -361,6 +380,30 @@ def test_updates_with_the_written_out_renorm_gradient_equal_autodiffs(module, mo
     assert ours_info[-1]["actor_loss"] != ours_info[0]["actor_loss"]  # the last update did update the actor
     assert int(ours.critic.batch_stats["VmapQNetwork_0"]["BatchRenorm_1"]["calls"][0, 0]) == 3
     for a, b in zip(jax.tree_util.tree_leaves(ours.critic), jax.tree_util.tree_leaves(autodiff.critic)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+class UnsplitObsDense(G.ObsDense):
+    """Flow-G's hidden layers as one product over [s, rest] in every mode (the layer before ObsDense split it)."""
+
+    @nn.compact
+    def __call__(self, s, rest):
+        x = jnp.concatenate([s, rest], -1)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        return x @ kernel + self.param("bias", nn.initializers.zeros, (self.features,))
+
+
+def test_flow_g_updates_with_the_observation_product_once_equal_the_unsplit_ones(monkeypatch):
+    # The speed issue's check for ObsDense: three updates (critic targets from the rollout without gradient,
+    # the third also the actor) with s W_s merged across flow steps and with one product per step give the
+    # same losses, gradient norms and critics to float32 rounding.
+    split, split_info = small_updates(G, monkeypatch, ObsDense=G.ObsDense)
+    unsplit, unsplit_info = small_updates(G, monkeypatch, ObsDense=UnsplitObsDense)
+    for a, b in zip(split_info, unsplit_info):
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert split_info[-1]["actor_loss"] != split_info[0]["actor_loss"]
+    for a, b in zip(jax.tree_util.tree_leaves(split.critic), jax.tree_util.tree_leaves(unsplit.critic)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
@@ -472,6 +515,26 @@ def test_flow_g_actor_batch_renormalises_obs_and_x_per_step(train):
     np.testing.assert_allclose(np.asarray(new_stats["mean"]), mean, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(new_stats["var"]), var, rtol=1e-4, atol=1e-5)
     assert int(new_stats["calls"]) == (args.flow_steps if train else 0)
+
+
+def test_flow_g_rollout_without_gradient_multiplies_the_observation_once():
+    # ObsDense: acting and the critic target (running statistics) write the hidden layers as s W_s + rest W_rest,
+    # so that XLA merges the K identical s W_s: each further flow step then costs far less than the
+    # observation's product. The actor loss's rollout (batch statistics, s differs per step) keeps one product.
+    obs_dim, act_dim, B = 64, 2, 32
+    s = jnp.ones((B, obs_dim))
+    obs_product = 2 * (2 * B * obs_dim * 8)  # gate and candidate hidden layers, hidden_dim 8, per step
+
+    def flops(steps, train):
+        policy = G.FlowPolicy(small_g_args(flow_steps=steps), act_dim, train=train)
+        variables = policy.init(jax.random.PRNGKey(0), s, jax.random.PRNGKey(1))
+        fn = jax.jit(lambda v: policy.apply(v, s, jax.random.PRNGKey(1), mutable=["batch_stats"])[0][:2])
+        cost = fn.lower(variables).compile().cost_analysis()
+        return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+
+    per_step = {train: (flops(4, train) - flops(1, train)) / 3 for train in (True, False)}
+    assert per_step[True] > obs_product  # the test can tell: the unsplit rollout pays it every step
+    assert per_step[False] < 0.5 * obs_product
 
 
 def test_flow_g_log_std_head_reads_the_observation_alone():
