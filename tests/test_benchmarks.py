@@ -462,3 +462,22 @@ def test_donation_benchmark_finds_the_copies_that_donating_the_agent_costs(scrip
     assert jax.jit is jit  # the wrapper is undone
     assert row["bit_identical"] and row["policy_delay"] >= 2
     assert row["donated"]["copied_mib"] > 2 * row["fresh outputs"]["copied_mib"]
+
+
+def test_versus_commit_builds_the_earlier_script_beside_the_current_one():
+    """Against HEAD (the same script when the working tree has not changed it) the two versions cost the same
+    FLOPs and give the same metrics after the first cycle, bit for bit; a commit git cannot show is refused."""
+    import versus_commit
+
+    unchanged = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "sac_flow_g.py"], cwd=ROOT)
+    if unchanged.returncode != 0:
+        pytest.skip("sac_flow_g.py differs from HEAD here (or this is not a git checkout)")
+    small = dict(hidden_dim=16, time_emb_dim=8, log_std_hidden=16, critic_width=32, batch_size=32, buffer_size=600)
+    row = versus_commit.measure("HEAD", "sac_flow_g", "Hopper-v4", cycles=1, **small)
+    assert row["policy_delay"] == 3 and set(row["metrics_rel_diff"]) >= {"qf_loss", "actor_loss", "alpha"}
+    assert all(v == 0.0 for v in row["metrics_rel_diff"].values())
+    assert row["earlier"]["gflop_per_env_step"] == row["now"]["gflop_per_env_step"] > 0
+    assert "sac_flow_g_at_commit" in sys.modules
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "versus_commit.py"), "--commit", "no-such-ref"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: --commit 'no-such-ref'")
