@@ -9,7 +9,7 @@ sigma from the observation, log pi in the env's action units); flags give the ot
 
 | paper | what | here |
 |---|---|---|
-| Eq. 6 | v = z * (h - x), z = sigmoid(g(s, x, t)), gate bias 5 | GatedVelocity, TimeEmbedding |
+| Eq. 6 | v = z * (h - x), z = sigmoid(g(s, x, t)), gate bias 5 | GatedVelocity (ObsDense), TimeEmbedding |
 | Fig. 9 | naive flow, a plain MLP velocity (--velocity mlp) | MLPVelocity |
 | Eq. 4, 13 | the K-step noise-augmented rollout | flow_rollout, step_std, FlowPolicy |
 | Eq. 13-14 | plain drift b = v, or the marginal-preserving drift | plain_drift, marginal_drift |
@@ -182,8 +182,9 @@ class ObsDense(nn.Module):
     """nn.Dense on [s, rest] (the same kernel, bias and initialisation), but with `split` written as
     s W_s + (rest W_rest + b). Within one rollout s is the same at every flow step, so s W_s is the
     same product K times, which XLA merges into one: on Humanoid (376 of the 425 inputs) the rollout
-    without gradient (acting, the critic target) costs half the FLOPs. Not in training mode, where
-    batch renorm's r and d move with the running statistics at every step, so s differs."""
+    without gradient (acting, the critic target) costs half the FLOPs. Not in the actor loss's rollout
+    with batch renorm (the default), whose r and d move with the running statistics at every step, so
+    the normalised s differs between steps: there one product over the concatenation."""
 
     features: int
     split: bool
