@@ -21,7 +21,6 @@ import json
 import os
 import re
 import sys
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,7 +74,7 @@ def measure(name: str, env_id: str, cycles: int, **overrides) -> dict:
     import jax
 
     from common.env import make_env
-    from throughput import _policy_delay, filled_buffer
+    from throughput import _policy_delay, alternate_cycles, filled_buffer
 
     module = importlib.import_module(name)
     args = module.Args(env_id=env_id, **overrides)
@@ -94,17 +93,8 @@ def measure(name: str, env_id: str, cycles: int, **overrides) -> dict:
     builders["donated"] = donated
     updates = {k: b() for k, b in builders.items()}
     agents = {k: fresh() for k in updates}
-    infos = {}
     delay = _policy_delay(args)
-    times = {k: [] for k in updates}
-    for cycle in range(cycles + 1):
-        for k in (list(updates) if cycle % 2 else list(updates)[::-1]):
-            t = time.perf_counter()
-            for _ in range(delay):
-                agents[k], infos[k] = updates[k](agents[k], buf)
-            jax.block_until_ready((agents[k], infos[k]))
-            if cycle:
-                times[k].append((time.perf_counter() - t) / delay * 1e3)
+    times, infos, _ = alternate_cycles(updates, agents, buf, cycles, delay)
     leaves = {k: jax.tree_util.tree_leaves((agents[k], infos[k])) for k in updates}
     same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(*leaves.values()))
     row = {"script": name, "env_id": env_id, "cycles": cycles, "policy_delay": delay, "bit_identical": bool(same)}

@@ -121,6 +121,26 @@ def forced_cond(take_true: bool):
         jax.lax.cond = original
 
 
+def alternate_cycles(updates: dict, agents: dict, buf, cycles: int, delay: int):
+    """Time several compiled updates side by side: `cycles` + 1 policy-delay cycles of each (the first a
+    warm-up), their order swapped every cycle; `agents` is updated in place. Returns (ms per update of
+    each timed cycle, the last infos, the infos after the warm-up cycle)."""
+    import jax
+
+    infos, times, first = {}, {k: [] for k in updates}, {}
+    for cycle in range(cycles + 1):
+        for k in (list(updates) if cycle % 2 else list(updates)[::-1]):
+            t = time.perf_counter()
+            for _ in range(delay):
+                agents[k], infos[k] = updates[k](agents[k], buf)
+            jax.block_until_ready((agents[k], infos[k]))
+            if cycle:
+                times[k].append((time.perf_counter() - t) / delay * 1e3)
+        if cycle == 0:
+            first = dict(infos)
+    return times, infos, first
+
+
 def _policy_delay(args) -> int:
     return getattr(args, "policy_frequency", getattr(args, "policy_delay", 1))
 

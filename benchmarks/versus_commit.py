@@ -21,7 +21,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,7 +68,7 @@ def measure(commit: str, name: str, env_id: str, cycles: int, **overrides) -> di
 
     from common.env import make_env
     from common.run import keep_freed_memory
-    from throughput import _policy_delay, filled_buffer, forced_cond
+    from throughput import _flops, _policy_delay, alternate_cycles, filled_buffer, forced_cond
 
     keep_freed_memory()  # as the scripts' training runs do
     env = make_env(env_id, 0)
@@ -82,28 +81,19 @@ def measure(commit: str, name: str, env_id: str, cycles: int, **overrides) -> di
     buf = one_seed(filled_buffer(args["now"], obs_dim, act_dim, max(args["now"].batch_size, 4096)))
     agents = {k: one_seed(m.create_agent(args[k], obs_dim, act_dim, jax.random.PRNGKey(0))) for k, m in modules.items()}
     updates = {k: m.make_update(args[k], act_dim) for k, m in modules.items()}
-    delay, infos, times, gflop = _policy_delay(args["now"]), {}, {k: [] for k in updates}, {}
+    delay, gflop = _policy_delay(args["now"]), {}
     for k, m in modules.items():  # per env step: the critic-only branch, and the actor's share of the other
         branch = {}
         for actor in (False, True):
             with forced_cond(actor):
-                cost = m.make_update(args[k], act_dim).lower(agents[k], buf).compile().cost_analysis()
-            branch[actor] = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]) / 1e9
+                branch[actor] = _flops(m.make_update(args[k], act_dim).lower(agents[k], buf).compile()) / 1e9
         gflop[k] = branch[False] + (branch[True] - branch[False]) / delay
-    for cycle in range(cycles + 1):
-        for k in (list(updates) if cycle % 2 else list(updates)[::-1]):
-            t = time.perf_counter()
-            for _ in range(delay):
-                agents[k], infos[k] = updates[k](agents[k], buf)
-            jax.block_until_ready((agents[k], infos[k]))
-            if cycle:
-                times[k].append((time.perf_counter() - t) / delay * 1e3)
-        if cycle == 0:  # both from the same agent and batches: compare before rounding differences compound
-            metrics = {}
-            for key, value in infos["now"].items():
-                if key != "finite" and key in infos["earlier"]:
-                    a, b = np.asarray(value, np.float64), np.asarray(infos["earlier"][key], np.float64)
-                    metrics[key] = float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-6)))
+    times, _, first = alternate_cycles(updates, agents, buf, cycles, delay)
+    metrics = {}  # after the warm-up cycle, from the same agent and batches: before rounding differences compound
+    for key, value in first["now"].items():
+        if key != "finite" and key in first["earlier"]:
+            a, b = np.asarray(value, np.float64), np.asarray(first["earlier"][key], np.float64)
+            metrics[key] = float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-6)))
     row = {"commit": commit, "script": name, "env_id": env_id, "cycles": cycles, "policy_delay": delay,
            "metrics_rel_diff": metrics}
     for k in updates:
