@@ -18,7 +18,7 @@ env's action units); flags give the other choices.
 | Eq. 20-21 | critic: y = r + gamma (1 - d) (min Q(s', a') - alpha log pi(a'|s')) | critic_loss in make_update |
 | Eq. 22 | actor: mean(alpha log pi - min Q(s, pi(s))) | actor_loss in make_update |
 | Eq. 24 | temperature on log alpha toward --target-entropy | alpha_loss_fn in make_update |
-| CrossQ | batch-renormalised critics, joint (s, a) / (s', a') pass, no target net | BatchRenorm, CriticEnsemble |
+| CrossQ | batch-renormalised critics, joint (s, a) / (s', a') pass, no target net | BatchRenorm, NormedDense, CriticEnsemble |
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ from flax.training.train_state import TrainState  # noqa: E402
 from common.buffer import ReplayBuffer, buffer_sample  # noqa: E402
 from common.checkpoint import finite_flags, restore_tree  # noqa: E402
 from common.env import action_scale  # noqa: E402
-from common.layers import BatchRenorm  # noqa: E402
+from common.layers import BatchRenorm, NormedDense  # noqa: E402
 from common.run import ExitStatus, TrainingRun, eval_only, prepare_resume  # noqa: E402
 from common.seeds import seed_map  # noqa: E402
 
@@ -427,11 +427,16 @@ class QNetwork(nn.Module):
 
     @nn.compact
     def __call__(self, s, a):
-        norm = (lambda x: batch_renorm(self.args, self.train)(x)) if self.args.batch_norm else (lambda x: x)
-        x = norm(jnp.concatenate([s, a], axis=-1))
-        x = norm(nn.relu(nn.Dense(self.args.critic_width)(x)))
-        x = norm(nn.relu(nn.Dense(self.args.critic_width)(x)))
-        return nn.Dense(1)(x).squeeze(-1)
+        width, norm = self.args.critic_width, lambda x: batch_renorm(self.args, self.train)(x)
+        if self.args.batch_norm:  # the input's scale and bias folded into the first kernel (NormedDense)
+            # s and a as two parts with the running statistics: the actor loss then differentiates w.r.t. a alone
+            inputs = (jnp.concatenate([s, a], axis=-1),) if self.train else (s, a)
+            x = NormedDense(width, name="Dense_0")(*batch_renorm(self.args, self.train, affine=False)(*inputs))
+        else:
+            x, norm = nn.Dense(width, name="Dense_0")(jnp.concatenate([s, a], axis=-1)), lambda x: x
+        x = norm(nn.relu(x))
+        x = norm(nn.relu(nn.Dense(width, name="Dense_1")(x)))
+        return nn.Dense(1, name="Dense_2")(x).squeeze(-1)
 
 
 class CriticEnsemble(nn.Module):

@@ -77,6 +77,9 @@ class BatchRenorm(nn.Module):
     r_max: float = 3.0
     d_max: float = 5.0
     warmup: int = 100_000
+    affine: bool = True
+    """False: return (x_hat, scale, bias), x normalised without its scale and bias, for the next layer to
+    fold them into its kernel (NormedDense); the same parameters and statistics."""
 
     @nn.compact
     def __call__(self, x, *more):
@@ -92,17 +95,44 @@ class BatchRenorm(nn.Module):
         calls = self.variable("batch_stats", "calls", lambda: jnp.zeros((), jnp.int32))
         scale = self.param("scale", nn.initializers.ones, (features,))
         bias = self.param("bias", nn.initializers.zeros, (features,))
+        # Without affine, the layer's own output leaves scale and bias out (1 and 0 here), and returns them.
+        own_scale, own_bias = (scale, bias) if self.affine else (jnp.ones_like(scale), jnp.zeros_like(bias))
         if not self.train:
-            gain = scale / jnp.sqrt(ra_var.value + self.epsilon)  # per feature: no division per element
-            return split_features(parts, lambda p, f: (p - ra_mean.value[f]) * gain[f] + bias[f])
-        y, mean, var = renorm_train(x, scale, bias, ra_mean.value, ra_var.value, calls.value >= self.warmup,
-                                    self.epsilon, self.r_max, self.d_max)
-        if not self.is_initializing():
-            m = self.momentum
-            ra_mean.value = m * ra_mean.value + (1.0 - m) * jax.lax.stop_gradient(mean)
-            ra_var.value = m * ra_var.value + (1.0 - m) * jax.lax.stop_gradient(var)
-            calls.value = calls.value + 1
-        return split_features(parts, lambda p, f: y[..., f])
+            gain = own_scale / jnp.sqrt(ra_var.value + self.epsilon)  # per feature: no division per element
+            y = split_features(parts, lambda p, f: (p - ra_mean.value[f]) * gain[f] + own_bias[f])
+        else:
+            y, mean, var = renorm_train(x, own_scale, own_bias, ra_mean.value, ra_var.value, calls.value >= self.warmup,
+                                        self.epsilon, self.r_max, self.d_max)
+            if not self.is_initializing():
+                m = self.momentum
+                ra_mean.value = m * ra_mean.value + (1.0 - m) * jax.lax.stop_gradient(mean)
+                ra_var.value = m * ra_var.value + (1.0 - m) * jax.lax.stop_gradient(var)
+                calls.value = calls.value + 1
+            y = split_features(parts, lambda p, f: y[..., f])
+        return y if self.affine else (y, scale, bias)
+
+
+class NormedDense(nn.Module):
+    """nn.Dense (the same kernel, bias and initialisation) on the output of BatchRenorm(affine=False), with
+    that layer's scale and bias folded into the kernel: (x_hat scale + bias) W + b = x_hat (scale W) +
+    (bias W + b). The same function; but the gradient of scale no longer goes through the input gradient
+    d x_hat = dh W^T, a product as large as the layer's own (CrossQ's input layer: 1024 x 1024 x 393 per
+    critic on Humanoid, at a poor rate for its 393 output columns). Autodiff now gets it from the kernel's
+    gradient, which it computes anyway: d scale = sum_j W * (x_hat^T dh). `x_hat` may be a tuple of parts of
+    the features (BatchRenorm given several inputs, in evaluation mode), each with its own product, so that a
+    gradient w.r.t. one part (the action, in the actor loss) does not compute the others'."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x_hat, scale, bias):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (scale.shape[-1], self.features))
+        out = bias @ kernel + self.param("bias", nn.initializers.zeros, (self.features,))
+        folded, start = scale[:, None] * kernel, 0
+        for part in x_hat if isinstance(x_hat, tuple) else (x_hat,):
+            out = out + part @ folded[start:start + part.shape[-1]]
+            start += part.shape[-1]
+        return out
 
 
 def split_features(parts, fn):

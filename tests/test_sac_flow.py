@@ -1,6 +1,7 @@
 """SAC Flow-G / Flow-T: the path density, the marginal drift, the networks, batch renormalisation,
 short end-to-end runs of both scripts, and bad input."""
 
+import dataclasses
 import functools
 import math
 import os
@@ -330,8 +331,9 @@ class AutodiffBatchRenorm(G.BatchRenorm):
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * jax.lax.stop_gradient(mean)
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * jax.lax.stop_gradient(var)
             calls.value = calls.value + 1
-        y = ((x - mean) / std * r + d) * scale + bias
-        return split_features(parts, lambda p, f: y[..., f])
+        y = (x - mean) / std * r + d
+        y = split_features(parts, lambda p, f: y[..., f] * scale[f] + bias[f] if self.affine else y[..., f])
+        return y if self.affine else (y, scale, bias)
 
 
 def small_args(module):
@@ -405,6 +407,112 @@ def test_flow_g_updates_with_the_observation_product_once_equal_the_unsplit_ones
     assert split_info[-1]["actor_loss"] != split_info[0]["actor_loss"]
     for a, b in zip(jax.tree_util.tree_leaves(split.critic), jax.tree_util.tree_leaves(unsplit.critic)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+class NormThenDense(nn.Module):
+    """BatchRenorm then a Dense on [s, a], as the critic's input layer: `folded` as the scripts write it
+    (BatchRenorm(affine=False) + NormedDense, s and a as parts in eval mode), else as the layer before it."""
+
+    train: bool
+    folded: bool
+
+    @nn.compact
+    def __call__(self, s, a):
+        norm = G.BatchRenorm(self.train, 0.9, EPS, 1.5, 3.0, 0, affine=not self.folded, name="norm")
+        if not self.folded:
+            return nn.Dense(5, name="dense")(norm(jnp.concatenate([s, a], -1)))
+        return G.NormedDense(5, name="dense")(*(norm(jnp.concatenate([s, a], -1)) if self.train else norm(s, a)))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_normed_dense_is_the_dense_layer_after_batch_renorm(train):
+    # The same parameters (tree and initial values, bit for bit: checkpoints and random streams are
+    # unchanged), the same statistics updates, and the same outputs and gradients to float32 rounding.
+    rng = np.random.default_rng(0)
+    s, a = (jnp.array(rng.normal(1.0, 2.0, size=(16, n)), jnp.float32) for n in (6, 2))
+    plain, folded = NormThenDense(train, folded=False), NormThenDense(train, folded=True)
+    init_plain, init_folded = (m.init(jax.random.PRNGKey(0), s, a) for m in (plain, folded))
+    assert jax.tree_util.tree_structure(init_plain) == jax.tree_util.tree_structure(init_folded)
+    for x, y in zip(jax.tree_util.tree_leaves(init_plain), jax.tree_util.tree_leaves(init_folded)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    variables = randomised(init_plain)
+
+    def run(module, params, a):
+        out, new = module.apply({**variables, "params": params}, s, a, mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(out)), (out, new)
+
+    results = [jax.value_and_grad(run, argnums=(1, 2), has_aux=True)(m, variables["params"], a) for m in (plain, folded)]
+    ((_, (out_p, stats_p)), grads_p), ((_, (out_f, stats_f)), grads_f) = results
+    np.testing.assert_allclose(out_f, out_p, rtol=1e-5, atol=1e-5)
+    for x, y in zip(jax.tree_util.tree_leaves(stats_p), jax.tree_util.tree_leaves(stats_f)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    for x, y in zip(jax.tree_util.tree_leaves(grads_p), jax.tree_util.tree_leaves(grads_f)):
+        np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5)
+
+
+class QNetwork(nn.Module):
+    """The critic as it was before NormedDense (named as the scripts' class, so that its parameters have the same
+    paths and initial values)."""
+
+    args: object
+    train: bool
+
+    @nn.compact
+    def __call__(self, s, a):
+        norm = (lambda x: G.batch_renorm(self.args, self.train)(x)) if self.args.batch_norm else (lambda x: x)
+        x = norm(jnp.concatenate([s, a], axis=-1))
+        x = norm(nn.relu(nn.Dense(self.args.critic_width)(x)))
+        x = norm(nn.relu(nn.Dense(self.args.critic_width)(x)))
+        return nn.Dense(1)(x).squeeze(-1)
+
+
+@pytest.mark.parametrize("module", [G, T])
+def test_critic_skips_the_input_gradient_it_does_not_need(module, monkeypatch):
+    # NormedDense: the critic step (batch statistics, gradient w.r.t. the parameters) no longer computes
+    # d x_hat = dh W^T of the input layer; the actor loss (running statistics, gradient w.r.t. a) computes
+    # it for a's columns alone. Each saving is most of that product's FLOPs, which the critic before paid.
+    args = small_args(module)
+    B, obs_dim, act_dim, width, n = 64, 40, 3, args.critic_width, args.n_critics
+    s, a = jnp.ones((B, obs_dim)), jnp.ones((B, act_dim))
+
+    def flops(train):
+        critic = module.CriticEnsemble(args, train)
+        variables = critic.init(jax.random.PRNGKey(0), s, a)
+        loss = lambda p, a: jnp.sum(critic.apply({**variables, "params": p}, s, a, mutable=["batch_stats"])[0] ** 2)
+        fn = jax.jit(jax.grad(loss, argnums=0 if train else 1))
+        cost = fn.lower(variables["params"], a).compile().cost_analysis()
+        return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+
+    ours = {train: flops(train) for train in (True, False)}
+    monkeypatch.setattr(module, "QNetwork", QNetwork)
+    before = {train: flops(train) for train in (True, False)}
+    assert before[True] - ours[True] > 0.8 * 2 * B * width * (obs_dim + act_dim) * n
+    assert before[False] - ours[False] > 0.8 * 2 * B * width * obs_dim * n
+
+
+@pytest.mark.parametrize("module", [G, T])
+def test_critic_updates_with_the_input_scale_folded_equal_the_unfolded_ones(module, monkeypatch):
+    # The speed issue's check for NormedDense: the critics start from the same values (with and without batch
+    # renorm), and three updates (the third also the actor) give the same losses, gradient norms and critics
+    # to float32 rounding.
+    s, a = jnp.ones((4, 11)), jnp.ones((4, 3))
+    for batch_norm in (True, False):
+        args = dataclasses.replace(small_args(module), batch_norm=batch_norm)
+        ours = module.CriticEnsemble(args, True).init(jax.random.PRNGKey(0), s, a)
+        with monkeypatch.context() as patched:
+            patched.setattr(module, "QNetwork", QNetwork)
+            before = module.CriticEnsemble(args, True).init(jax.random.PRNGKey(0), s, a)
+        assert jax.tree_util.tree_structure(ours) == jax.tree_util.tree_structure(before)
+        for x, y in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(before)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    folded, folded_info = small_updates(module, monkeypatch)
+    unfolded, unfolded_info = small_updates(module, monkeypatch, QNetwork=QNetwork)
+    for x, y in zip(folded_info, unfolded_info):
+        for k in x:
+            np.testing.assert_allclose(x[k], y[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert folded_info[-1]["actor_loss"] != folded_info[0]["actor_loss"]
+    for x, y in zip(jax.tree_util.tree_leaves(folded.critic), jax.tree_util.tree_leaves(unfolded.critic)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
 
 
 class MaskedPairAttention(T.MultiHeadAttention):
