@@ -179,31 +179,30 @@ class TimeEmbedding(nn.Module):
 
 
 class ObsDense(nn.Module):
-    """nn.Dense on [s, rest] (the same kernel, bias and initialisation), written as s W_s + (rest W_rest + b),
-    with the observation's batch-renorm scale and bias, when given, folded into W_s as in NormedDense:
-    (s_hat scale + bias) W_s = s_hat (scale W_s) + bias W_s. Within one rollout without gradient (acting,
-    the critic target) s_hat is the same at every flow step, so s_hat W_s is the same product K times, which
-    XLA merges into one: on Humanoid (376 of the 425 inputs) that rollout costs half the FLOPs. In the actor
-    loss the fold spares the input gradient w.r.t. s_hat (a product as large as the layer's, per step),
-    which only the scale and bias of the observation needed: s is data."""
+    """nn.Dense on [s, rest] (the same kernel, bias and initialisation), but with `split` written as
+    s W_s + (rest W_rest + b). Within one rollout s is the same at every flow step, so s W_s is the
+    same product K times, which XLA merges into one: on Humanoid (376 of the 425 inputs) the rollout
+    without gradient (acting, the critic target) costs half the FLOPs. Not in the actor loss's rollout
+    with batch renorm (the default), whose r and d move with the running statistics at every step, so
+    the normalised s differs between steps: there one product over the concatenation."""
 
     features: int
+    split: bool
 
     @nn.compact
-    def __call__(self, s, rest, s_scale=None, s_bias=None):
+    def __call__(self, s, rest):
         n_obs = s.shape[-1]
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (n_obs + rest.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        if s_scale is None:
+        if self.split:
             return s @ kernel[:n_obs] + (rest @ kernel[n_obs:] + bias)
-        return s @ (s_scale[:, None] * kernel[:n_obs]) + (rest @ kernel[n_obs:] + (s_bias @ kernel[:n_obs] + bias))
+        return jnp.concatenate([s, rest], axis=-1) @ kernel + bias
 
 
 class GatedVelocity(nn.Module):
     """Flow-G (Eq. 6): z = sigmoid(g(u, t)), h = c(u, t), v = z * (h - x), u = [s, x].
 
-    With `norm` (the authors' actor; a BatchRenorm(affine=False)), u is batch-renormalised by one layer
-    shared by all K steps.
+    With `norm` (the authors' actor), u is batch-renormalised by one layer shared by all K steps.
     The gate's last layer starts with zero weights and bias 5, so z = sigmoid(5) = 0.993 for every
     input: each step starts close to the plain x + dt * (h - x) update, and the gate learns where to
     hold x back, which bounds how much a step can amplify the gradient flowing through it."""
@@ -215,13 +214,10 @@ class GatedVelocity(nn.Module):
 
     @nn.compact
     def __call__(self, s, x, t):
-        x_in, folded = x, ()
-        if self.norm is not None:  # [s, x] normalised as two parts; s's scale and bias go to the kernels (ObsDense)
-            (s, x_hat), scale, bias = self.norm(s, x)
-            n_obs = s.shape[-1]
-            x_in, folded = x_hat * scale[n_obs:] + bias[n_obs:], (scale[:n_obs], bias[:n_obs])
+        s, x_in = (s, x) if self.norm is None else self.norm(s, x)  # [s, x] normalised, returned as two parts
         rest = jnp.concatenate([x_in, TimeEmbedding(self.time_emb_dim)(t)], axis=-1)
-        hidden = lambda name: nn.swish(ObsDense(self.hidden_dim, name=name)(s, rest, *folded))
+        split = self.norm is None or not self.norm.train  # s (normalised) the same at every step: see ObsDense
+        hidden = lambda name: nn.swish(ObsDense(self.hidden_dim, split, name=name)(s, rest))
         gate_logit = nn.Dense(self.act_dim, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.constant(5.0),
                               name="gate_out")(hidden("gate_hidden"))
         z = nn.sigmoid(gate_logit)
@@ -282,9 +278,7 @@ class FlowPolicy(nn.Module):
     @nn.compact
     def __call__(self, s, key, deterministic: bool = False, perturb=None, units_scale=1.0):
         args = self.args
-        # the gated velocity folds the normalised observation's scale and bias into its kernels (ObsDense)
-        affine = args.velocity != "gated"
-        norm = batch_renorm(args, self.train, affine=affine, name="input_norm") if args.actor_batch_norm else None
+        norm = batch_renorm(args, self.train, name="input_norm") if args.actor_batch_norm else None
         velocity = (GatedVelocity if args.velocity == "gated" else MLPVelocity)(
             self.act_dim, args.hidden_dim, args.time_emb_dim, norm, name="velocity")
         head = LogStdHead(self.act_dim, args.log_std_hidden, args.log_std_min, args.log_std_max, name="log_std")

@@ -84,12 +84,12 @@ class BatchRenorm(nn.Module):
     @nn.compact
     def __call__(self, x, *more):
         """Normalise x; given more inputs, normalise their concatenation [x, *more] and return the parts
-        normalised, each by its own slice of the statistics and parameters (the statistics are per feature,
-        so this is the concatenation normalised): an input that is the same at every call (the observation
-        at every flow step) then gets the same computation each time, which XLA merges into one, and in
-        training mode the backward pass of a part whose gradient nothing needs (data) drops out."""
+        normalised, each by its own slice of the statistics in evaluation mode: an input that is the same
+        at every call (the observation at every flow step) then gets the same computation each time,
+        which XLA merges into one."""
         parts = (x, *more)
-        features = sum(p.shape[-1] for p in parts)
+        x = jnp.concatenate(parts, axis=-1) if more else x
+        features = x.shape[-1]
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
         calls = self.variable("batch_stats", "calls", lambda: jnp.zeros((), jnp.int32))
@@ -100,20 +100,15 @@ class BatchRenorm(nn.Module):
         if not self.train:
             gain = own_scale / jnp.sqrt(ra_var.value + self.epsilon)  # per feature: no division per element
             y = split_features(parts, lambda p, f: (p - ra_mean.value[f]) * gain[f] + own_bias[f])
-            return y if self.affine else (y, scale, bias)
-        y, mean, var, start = [], [], [], 0
-        for p in parts:
-            f = slice(start, start + p.shape[-1])
-            start = f.stop
-            for out, part in zip((y, mean, var), renorm_train(p, own_scale[f], own_bias[f], ra_mean.value[f], ra_var.value[f],
-                                                              calls.value >= self.warmup, self.epsilon, self.r_max, self.d_max)):
-                out.append(part)
-        if not self.is_initializing():
-            m = self.momentum
-            ra_mean.value = m * ra_mean.value + (1.0 - m) * jax.lax.stop_gradient(jnp.concatenate(mean))
-            ra_var.value = m * ra_var.value + (1.0 - m) * jax.lax.stop_gradient(jnp.concatenate(var))
-            calls.value = calls.value + 1
-        y = tuple(y) if more else y[0]
+        else:
+            y, mean, var = renorm_train(x, own_scale, own_bias, ra_mean.value, ra_var.value, calls.value >= self.warmup,
+                                        self.epsilon, self.r_max, self.d_max)
+            if not self.is_initializing():
+                m = self.momentum
+                ra_mean.value = m * ra_mean.value + (1.0 - m) * jax.lax.stop_gradient(mean)
+                ra_var.value = m * ra_var.value + (1.0 - m) * jax.lax.stop_gradient(var)
+                calls.value = calls.value + 1
+            y = split_features(parts, lambda p, f: y[..., f])
         return y if self.affine else (y, scale, bias)
 
 
@@ -124,8 +119,8 @@ class NormedDense(nn.Module):
     d x_hat = dh W^T, a product as large as the layer's own (CrossQ's input layer: 1024 x 1024 x 393 per
     critic on Humanoid, at a poor rate for its 393 output columns). Autodiff now gets it from the kernel's
     gradient, which it computes anyway: d scale = sum_j W * (x_hat^T dh). `x_hat` may be a tuple of parts of
-    the features (BatchRenorm given several inputs), each with its own product, so that a gradient w.r.t.
-    one part (the action, in the actor loss) does not compute the others'."""
+    the features (BatchRenorm given several inputs, in evaluation mode), each with its own product, so that a
+    gradient w.r.t. one part (the action, in the actor loss) does not compute the others'."""
 
     features: int
 

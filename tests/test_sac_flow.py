@@ -386,12 +386,10 @@ def test_updates_with_the_written_out_renorm_gradient_equal_autodiffs(module, mo
 
 
 class UnsplitObsDense(G.ObsDense):
-    """Flow-G's hidden layers as they were before ObsDense: the normalised s with its scale and bias applied,
-    then one product over [s, rest]."""
+    """Flow-G's hidden layers as one product over [s, rest] in every mode (the layer before ObsDense split it)."""
 
     @nn.compact
-    def __call__(self, s, rest, s_scale=None, s_bias=None):
-        s = s if s_scale is None else s * s_scale + s_bias
+    def __call__(self, s, rest):
         x = jnp.concatenate([s, rest], -1)
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
         return x @ kernel + self.param("bias", nn.initializers.zeros, (self.features,))
@@ -399,9 +397,8 @@ class UnsplitObsDense(G.ObsDense):
 
 def test_flow_g_updates_with_the_observation_product_once_equal_the_unsplit_ones(monkeypatch):
     # The speed issue's check for ObsDense: three updates (critic targets from the rollout without gradient,
-    # the third also the actor) with s's scale and bias folded and s W_s merged across flow steps, and with
-    # the layer before (one product per step over the normalised [s, rest]), give the same losses, gradient
-    # norms and critics to float32 rounding.
+    # the third also the actor) with s W_s merged across flow steps and with one product per step give the
+    # same losses, gradient norms and critics to float32 rounding.
     split, split_info = small_updates(G, monkeypatch, ObsDense=G.ObsDense)
     unsplit, unsplit_info = small_updates(G, monkeypatch, ObsDense=UnsplitObsDense)
     for a, b in zip(split_info, unsplit_info):
@@ -646,27 +643,6 @@ def test_flow_g_rollout_without_gradient_multiplies_the_observation_once():
     per_step = {train: (flops(4, train) - flops(1, train)) / 3 for train in (True, False)}
     assert per_step[True] > obs_product  # the test can tell: the unsplit rollout pays it every step
     assert per_step[False] < 0.5 * obs_product
-
-
-def test_flow_g_actor_loss_skips_the_input_gradient_of_the_observation(monkeypatch):
-    # ObsDense with s's batch-renorm scale and bias folded in, s normalised as its own part: the actor loss's
-    # gradient no longer computes d s_hat = dh W_s^T (of the gate's and the candidate's first layers, every
-    # flow step), which only those scale and bias needed. The layer before paid it.
-    obs_dim, act_dim, B, K = 64, 2, 32, 3
-    s = jnp.ones((B, obs_dim))
-    s_hat_gradient = K * 2 * (2 * B * 8 * obs_dim)  # hidden_dim 8
-
-    def flops():
-        policy = G.FlowPolicy(small_g_args(flow_steps=K), act_dim, train=True)
-        variables = policy.init(jax.random.PRNGKey(0), s, jax.random.PRNGKey(1))
-        loss = lambda p: jnp.sum(policy.apply({**variables, "params": p}, s, jax.random.PRNGKey(1),
-                                              mutable=["batch_stats"])[0][0])
-        cost = jax.jit(jax.grad(loss)).lower(variables["params"]).compile().cost_analysis()
-        return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
-
-    ours = flops()
-    monkeypatch.setattr(G, "ObsDense", UnsplitObsDense)
-    assert flops() - ours > 0.8 * s_hat_gradient
 
 
 def test_flow_g_log_std_head_reads_the_observation_alone():
