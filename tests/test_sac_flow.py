@@ -16,7 +16,7 @@ from scipy import stats
 import sac_flow_g as G
 import sac_flow_t as T
 from common.layers import split_features
-from helpers import all_finite, assert_wandb_matches_tensorboard, only_run_dir, read_scalars, run_script
+from helpers import all_finite, assert_same_tree, assert_wandb_matches_tensorboard, only_run_dir, read_scalars, run_script
 
 # ---------------------------------------------------------------------------------------------
 # Path log-density
@@ -367,6 +367,17 @@ def small_updates(module, monkeypatch, **replaced):
     return agent, infos
 
 
+def assert_same_updates(ours, ours_info, other, other_info):
+    """Two small_updates results equal to float32 rounding: every update's metrics, and the critics after them;
+    the last update did update the actor."""
+    for a, b in zip(ours_info, other_info):
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert ours_info[-1]["actor_loss"] != ours_info[0]["actor_loss"]
+    for a, b in zip(jax.tree_util.tree_leaves(ours.critic), jax.tree_util.tree_leaves(other.critic)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("module", [G, T])
 def test_updates_with_the_written_out_renorm_gradient_equal_autodiffs(module, monkeypatch):
     # The speed issue's check that the computation is unchanged: three updates with the written-out gradient
@@ -376,13 +387,8 @@ def test_updates_with_the_written_out_renorm_gradient_equal_autodiffs(module, mo
     # turns into a step of +-lr in either version.
     ours, ours_info = small_updates(module, monkeypatch, BatchRenorm=G.BatchRenorm)
     autodiff, autodiff_info = small_updates(module, monkeypatch, BatchRenorm=AutodiffBatchRenorm)
-    for a, b in zip(ours_info, autodiff_info):
-        for k in a:
-            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
-    assert ours_info[-1]["actor_loss"] != ours_info[0]["actor_loss"]  # the last update did update the actor
+    assert_same_updates(ours, ours_info, autodiff, autodiff_info)
     assert int(ours.critic.batch_stats["VmapQNetwork_0"]["BatchRenorm_1"]["calls"][0, 0]) == 3
-    for a, b in zip(jax.tree_util.tree_leaves(ours.critic), jax.tree_util.tree_leaves(autodiff.critic)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
 class UnsplitObsDense(G.ObsDense):
@@ -401,12 +407,7 @@ def test_flow_g_updates_with_the_observation_product_once_equal_the_unsplit_ones
     # same losses, gradient norms and critics to float32 rounding.
     split, split_info = small_updates(G, monkeypatch, ObsDense=G.ObsDense)
     unsplit, unsplit_info = small_updates(G, monkeypatch, ObsDense=UnsplitObsDense)
-    for a, b in zip(split_info, unsplit_info):
-        for k in a:
-            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
-    assert split_info[-1]["actor_loss"] != split_info[0]["actor_loss"]
-    for a, b in zip(jax.tree_util.tree_leaves(split.critic), jax.tree_util.tree_leaves(unsplit.critic)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert_same_updates(split, split_info, unsplit, unsplit_info)
 
 
 class NormThenDense(nn.Module):
@@ -432,9 +433,7 @@ def test_normed_dense_is_the_dense_layer_after_batch_renorm(train):
     s, a = (jnp.array(rng.normal(1.0, 2.0, size=(16, n)), jnp.float32) for n in (6, 2))
     plain, folded = NormThenDense(train, folded=False), NormThenDense(train, folded=True)
     init_plain, init_folded = (m.init(jax.random.PRNGKey(0), s, a) for m in (plain, folded))
-    assert jax.tree_util.tree_structure(init_plain) == jax.tree_util.tree_structure(init_folded)
-    for x, y in zip(jax.tree_util.tree_leaves(init_plain), jax.tree_util.tree_leaves(init_folded)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert_same_tree(jax.device_get(init_plain), jax.device_get(init_folded))
     variables = randomised(init_plain)
 
     def run(module, params, a):
@@ -502,17 +501,10 @@ def test_critic_updates_with_the_input_scale_folded_equal_the_unfolded_ones(modu
         with monkeypatch.context() as patched:
             patched.setattr(module, "QNetwork", QNetwork)
             before = module.CriticEnsemble(args, True).init(jax.random.PRNGKey(0), s, a)
-        assert jax.tree_util.tree_structure(ours) == jax.tree_util.tree_structure(before)
-        for x, y in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(before)):
-            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        assert_same_tree(jax.device_get(ours), jax.device_get(before))
     folded, folded_info = small_updates(module, monkeypatch)
     unfolded, unfolded_info = small_updates(module, monkeypatch, QNetwork=QNetwork)
-    for x, y in zip(folded_info, unfolded_info):
-        for k in x:
-            np.testing.assert_allclose(x[k], y[k], rtol=1e-5, atol=1e-6, err_msg=k)
-    assert folded_info[-1]["actor_loss"] != folded_info[0]["actor_loss"]
-    for x, y in zip(jax.tree_util.tree_leaves(folded.critic), jax.tree_util.tree_leaves(unfolded.critic)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+    assert_same_updates(folded, folded_info, unfolded, unfolded_info)
 
 
 class MaskedPairAttention(T.MultiHeadAttention):
