@@ -45,6 +45,15 @@ def assert_close_leaves(a, b, what):
         np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=1e-3, atol=1e-4, err_msg=what)
 
 
+@pytest.mark.parametrize("name", ["sac_flow_g", "sac_flow_t"])
+def test_the_stable_tanh_log_det_is_the_scripts_away_from_saturation(name):
+    # The comparisons below run the scripts with it: the same function as theirs up to its + 1e-6.
+    module = importlib.import_module(name)
+    x = np.linspace(-3.0, 3.0, 60, dtype=np.float32).reshape(-1, 3)
+    for scale in (1.0, 0.4):
+        np.testing.assert_allclose(stable_tanh_log_det(x, scale), module.tanh_log_det(x, scale), rtol=1e-5, atol=1e-3)
+
+
 @pytest.mark.parametrize("name", list(TINY))
 def test_each_seed_of_a_many_seed_run_is_the_single_run_of_its_seed(tmp_path, monkeypatch, name):
     """--num-seeds 3 --seed 4 against --seed 4, 5, 6 alone: the same warm-up transitions bit for bit,
