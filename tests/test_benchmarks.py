@@ -432,6 +432,9 @@ def test_profile_update_times_and_costs_the_authors_calls_from_outside(tmp_path)
     assert row["kinds_ms"], "the trace of 6 update_critic calls gave no kernels"
     lines = profile_update.markdown([row], args, 100.0, "test machine")
     assert lines[0].startswith("Where one env step's update goes") and "test machine" in lines[0]
+    assert lines[0].endswith("Command: python benchmarks/profile_update.py --authors <checkout> --their-steps 30")
+    humanoid = profile_update.Args(env_id="Humanoid-v4", out=os.path.join(profile_update.ROOT, "b", "p"), calls=3)
+    assert profile_update.command_flags(humanoid) == " --env-id Humanoid-v4 --calls 3 --out b/p"
     cells = lines[4].split(" | ")
     assert cells[0] == "| theirs" and cells[1] == "sac_flow_g" and float(cells[3]) == pytest.approx(row["gflop"], abs=0.006)
 
