@@ -300,7 +300,23 @@ def check(args: Args) -> None:
         raise SystemExit(f"error: --repeats must be at least 1, got {args.repeats}")
 
 
-MACHINE = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or 'cpu'}, no GPU"
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU as /proc/cpuinfo names it, with its family, model and widest vector ISA ('' where unreadable):
+    the same cloud name covers CPUs that differ twofold in matmul speed."""
+    try:
+        with open(cpuinfo) as f:
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+    except OSError:
+        return ""
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    isa = next((name for flag, name in [("amx_tile", "AVX-512, AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2")]
+                if flag in flags), "no AVX2")
+    family = f", family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields and "model" in fields else ""
+    return f"{fields.get('model name', 'unknown CPU')}{family}, {isa}"
+
+
+MACHINE = f"{platform.machine()}, {os.cpu_count()} CPUs ({cpu_model() or platform.processor() or 'cpu'}), no GPU"
 
 
 def write_results(args, rows: list[dict], lines: list[str]) -> None:

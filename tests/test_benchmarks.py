@@ -243,6 +243,19 @@ def test_versus_authors_table_gives_medians_and_spreads():
     assert lines[5] == "| Humanoid-v4 | sac_flow_t | - | - | - | 22.62 | 22.27 |"
 
 
+def test_versus_authors_names_the_cpu_model_and_its_vector_width(tmp_path):
+    import versus_authors
+
+    block = "processor\t: {0}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: {1}\nmodel name\t: AMD EPYC\nflags\t\t: {2}\n"
+    for model, flags, isa in [(1, "fpu sse2 avx fma avx2", "AVX2"), (17, "avx2 avx512f avx512_bf16", "AVX-512"),
+                              (2, "sse2 avx", "no AVX2")]:
+        (tmp_path / "cpuinfo").write_text(block.format(0, model, flags) + "\n" + block.format(1, model, flags))
+        assert versus_authors.cpu_model(str(tmp_path / "cpuinfo")) == f"AMD EPYC, family 25 model {model}, {isa}"
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nmodel name\t: Intel Xeon\nflags\t\t: avx2 avx512f amx_tile\n")
+    assert versus_authors.cpu_model(str(tmp_path / "cpuinfo")) == "Intel Xeon, AVX-512, AMX"
+    assert versus_authors.cpu_model(str(tmp_path / "missing")) == ""
+
+
 FAKE_FLOWRL = {
     # The parts of bytedance/FlowRL the runner touches, each failing the way theirs does on this machine
     # unless the runner has supplied its stand-in; main.py records what it saw.
