@@ -204,27 +204,11 @@ def profile_theirs(name: str, args: Args, work: str) -> dict:
             "kinds_ms": rec.get("kinds_ms", {}), "top_kernels_ms": rec.get("top_kernels_ms", [])}
 
 
-def command_flags(args: Args) -> str:
-    """The flags of this run that differ from their defaults, as typed (the checkout as <checkout>)."""
-    flags = ""
-    for name, default in vars(Args()).items():
-        value = getattr(args, name)
-        if value == default or name == "worker":
-            continue
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            flags += f" {flag if value else '--no-' + flag[2:]}"
-        elif name == "authors":
-            flags += f" {flag} <checkout>"
-        elif name == "out":
-            flags += f" {flag} {os.path.relpath(value, ROOT) if os.path.isabs(value) else value}"
-        else:
-            flags += f" {flag} " + (" ".join(value) if isinstance(value, list) else str(value))
-    return flags
-
-
 def markdown(rows: list[dict], args: Args, peak: float, machine: str) -> list[str]:
     """The table: per row the wall time, the FLOPs and their rate, the traced kernels by kind."""
+    import versus_authors
+
+    flags = versus_authors.command_flags(args, {"authors": "<checkout>"}, hidden=("worker",))
     total = collections.Counter()
     for r in rows:
         total.update(r["kinds_ms"])
@@ -232,7 +216,7 @@ def markdown(rows: list[dict], args: Args, peak: float, machine: str) -> list[st
     lines = [f"Where one env step's update goes at the authors' defaults on {args.env_id}: wall ms per env step, "
              f"GFLOP per env step and its rate against the matmul peak ({peak:.0f} GFLOP/s, float32 1024x1024, "
              f"measured in the same run), and the traced kernels by kind in ms per env step. Machine: {machine}; "
-             f"{time.strftime('%Y-%m-%d')}. Command: python benchmarks/profile_update.py{command_flags(args)}", "",
+             f"{time.strftime('%Y-%m-%d')}. Command: python benchmarks/profile_update.py{flags}", "",
              "| side | script | wall ms | GFLOP | GFLOP/s | % of peak | matmul traced | wall - other kernels | "
              + " | ".join(kinds) + " | other kinds |",
              "|---|---|---|---|---|---|---|---|" + "---|" * (len(kinds) + 1)]

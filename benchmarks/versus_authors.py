@@ -264,6 +264,26 @@ def time_pair(script: str, args: Args, env_id: str, env: dict, work: str) -> dic
     return {**rates, "ratio": [o / t for o, t in zip(rates["ours"], rates["theirs"])]}
 
 
+def command_flags(args, placeholders: dict, hidden: tuple = ()) -> str:
+    """The flags of a run that differ from their defaults, as typed, for the "Command:" line of a table: paths of
+    this machine as `placeholders` ({"authors": "<checkout>"}), --out relative to the repository, `hidden` left out."""
+    flags = ""
+    for name, default in vars(type(args)()).items():
+        value = getattr(args, name)
+        if value == default or name in hidden:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags += f" {flag if value else '--no-' + flag[2:]}"
+        elif name in placeholders:
+            flags += f" {flag} {placeholders[name]}"
+        elif name == "out":
+            flags += f" {flag} {os.path.relpath(value, ROOT) if os.path.isabs(value) else value}"
+        else:
+            flags += f" {flag} " + (" ".join(map(str, value)) if isinstance(value, list) else str(value))
+    return flags
+
+
 def table(rows: list[dict], args: Args, machine: str) -> list[str]:
     """The markdown of the rows: speeds (median, min to max) where timed, FLOPs where costed."""
     cell = lambda xs: f"{statistics.median(xs):.2f} ({min(xs):.2f} to {max(xs):.2f})" if xs else "-"
@@ -274,8 +294,8 @@ def table(rows: list[dict], args: Args, machine: str) -> list[str]:
     flops = (f"; GFLOP per env step from XLA's cost_analysis() (theirs over --learning-starts {args.learning_starts} + "
              f"{args.flops_steps} steps)" if args.flops else "")
     return [f"{what}{flops}: ours against the authors' scripts at their defaults. Machine: {machine}; "
-            f"{time.strftime('%Y-%m-%d')}. Command: python benchmarks/versus_authors.py --authors <checkout> "
-            f"{'' if args.timing else '--no-timing '}--learning-starts {args.learning_starts}", "",
+            f"{time.strftime('%Y-%m-%d')}. Command: python benchmarks/versus_authors.py"
+            f"{command_flags(args, {'authors': '<checkout>'})}", "",
             "| task | script | ours | authors' | ours / authors' | GFLOP per env step, ours | authors' |",
             "|---|---|---|---|---|---|---|",
             *[f"| {r['env_id']} | {r['script']} | {cell(r.get('ours', []))} | {cell(r.get('theirs', []))} | "

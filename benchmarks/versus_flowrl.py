@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 
 import versus_authors
-from versus_authors import MACHINE, write_results
+from versus_authors import MACHINE, command_flags, write_results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIDES = ("ours", "theirs", "theirs_bf16")
@@ -213,9 +213,8 @@ def table(rows: list[dict], args: Args, machine: str) -> list[str]:
             f"{args.learning_starts}, {args.repeats} interleaved repeats: median (min to max)): flowrl_jax.py against "
             f"bytedance/FlowRL's main.py at its defaults on the CPU, float32 and with its bf16 autocast, "
             f"{'OMP_NUM_THREADS=%d' % args.their_threads if args.their_threads else 'torch on every core'}. Machine: "
-            f"{machine}; {time.strftime('%Y-%m-%d')}. Command: python benchmarks/versus_flowrl.py --authors <checkout> "
-            f"--torch-python <python with torch> --learning-starts {args.learning_starts} --short {args.short} "
-            f"--long {args.long} --repeats {args.repeats} --their-threads {args.their_threads}", "",
+            f"{machine}; {time.strftime('%Y-%m-%d')}. Command: python benchmarks/versus_flowrl.py"
+            f"{command_flags(args, {'authors': '<checkout>', 'torch_python': '<python with torch>'})}", "",
             "| task | ours | authors' (float32) | authors' (bf16 autocast) | ours / authors' float32 | ours / authors' bf16 |",
             "|---|---|---|---|---|---|",
             *[f"| {r['env_id']} | {cell(r['ours'])} | {cell(r['theirs'])} | {cell(r.get('theirs_bf16', []))} | "

@@ -239,6 +239,11 @@ def test_versus_authors_table_gives_medians_and_spreads():
             {"env_id": "Humanoid-v4", "script": "sac_flow_t", "ours_gflop": 22.62, "theirs_gflop": 22.27}]
     lines = versus_authors.table(rows, versus_authors.Args(authors="x", repeats=3), "test machine")
     assert "3 interleaved repeats" in lines[0] and "test machine" in lines[0]
+    assert lines[0].endswith("Command: python benchmarks/versus_authors.py --authors <checkout> --repeats 3")
+    flops_only = versus_authors.Args(authors="x", scripts=["sac_flow_t"], timing=False, flops_steps=60,
+                                     out=os.path.join(versus_authors.ROOT, "benchmarks", "results", "f"))
+    assert versus_authors.table(rows, flops_only, "test machine")[0].endswith(
+        "versus_authors.py --authors <checkout> --scripts sac_flow_t --out benchmarks/results/f --no-timing --flops-steps 60")
     assert lines[4] == "| Hopper-v4 | sac_flow_g | 10.00 (9.00 to 11.00) | 8.00 (8.00 to 8.00) | 1.25 (1.12 to 1.38) | 15.81 | 16.08 |"
     assert lines[5] == "| Humanoid-v4 | sac_flow_t | - | - | - | 22.62 | 22.27 |"
 
@@ -345,7 +350,12 @@ def test_versus_flowrl_interleaves_the_runs_and_refuses_bad_input(tmp_path, monk
     lines = versus_flowrl.table([{"env_id": "Hopper-v4", **rates}], args, "test machine")
     assert lines[4] == ("| Hopper-v4 | 10.00 (10.00 to 10.00) | 5.00 (5.00 to 5.00) | 2.50 (2.50 to 2.50) | "
                         "2.00 (2.00 to 2.00) | 4.00 (4.00 to 4.00) |")
-    assert "OMP_NUM_THREADS=1" in lines[0] and "--their-threads 1" in lines[0]
+    assert "OMP_NUM_THREADS=1" in lines[0]
+    assert lines[0].endswith("Command: python benchmarks/versus_flowrl.py --authors <checkout> --torch-python <python with torch>")
+    every_core = versus_flowrl.Args(authors="x", torch_python="y", env_ids=["Humanoid-v4"], bf16=False, their_threads=0)
+    first = versus_flowrl.table([{"env_id": "Humanoid-v4", **rates}], every_core, "test machine")[0]
+    assert "torch on every core" in first
+    assert first.endswith("--torch-python <python with torch> --env-ids Humanoid-v4 --no-bf16 --their-threads 0")
     seconds["theirs"] = -0.1  # a long run no longer than the short one (a start-up that varied): refused
     with pytest.raises(SystemExit, match="theirs's 1500-step run took no longer than its 1200-step run"):
         versus_flowrl.time_task(args, "Hopper-v4", str(tmp_path), "runner.py")
@@ -427,6 +437,7 @@ for step in range(steps):
 
 def test_profile_update_times_and_costs_the_authors_calls_from_outside(tmp_path):
     import profile_update
+    import versus_authors
 
     (tmp_path / "SAC-FLOW" / "from_scratch_code").mkdir(parents=True)
     (tmp_path / "SAC-FLOW" / "from_scratch_code" / "SAC_flow_gru_jax.py").write_text(FAKE_AUTHORS_SCRIPT)
@@ -447,7 +458,7 @@ def test_profile_update_times_and_costs_the_authors_calls_from_outside(tmp_path)
     assert lines[0].startswith("Where one env step's update goes") and "test machine" in lines[0]
     assert lines[0].endswith("Command: python benchmarks/profile_update.py --authors <checkout> --their-steps 30")
     humanoid = profile_update.Args(env_id="Humanoid-v4", out=os.path.join(profile_update.ROOT, "b", "p"), calls=3)
-    assert profile_update.command_flags(humanoid) == " --env-id Humanoid-v4 --calls 3 --out b/p"
+    assert versus_authors.command_flags(humanoid, {}, hidden=("worker",)) == " --env-id Humanoid-v4 --calls 3 --out b/p"
     cells = lines[4].split(" | ")
     assert cells[0] == "| theirs" and cells[1] == "sac_flow_g" and float(cells[3]) == pytest.approx(row["gflop"], abs=0.006)
 
