@@ -329,6 +329,13 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
     except OSError:
         return ""
     fields = {k.strip(): v.strip() for k, v in fields.items()}
+    if "flags" not in fields and "Features" in fields:  # Arm: no model name; the implementer and part codes instead
+        features = set(fields["Features"].split())
+        isa = next((name for flag, name in [("sve2", "SVE2"), ("sve", "SVE"), ("asimd", "NEON")] if flag in features),
+                   "no NEON")
+        name = fields.get("model name") or (f"Arm CPU, implementer {fields.get('CPU implementer', '?')} "
+                                            f"part {fields.get('CPU part', '?')}")
+        return f"{name}, {isa}"
     flags = set(fields.get("flags", "").split())
     isa = next((name for flag, name in [("amx_tile", "AVX-512, AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2")]
                 if flag in flags), "no AVX2")

@@ -259,6 +259,11 @@ def test_versus_authors_names_the_cpu_model_and_its_vector_width(tmp_path):
     (tmp_path / "cpuinfo").write_text("processor\t: 0\nmodel name\t: Intel Xeon\nflags\t\t: avx2 avx512f amx_tile\n")
     assert versus_authors.cpu_model(str(tmp_path / "cpuinfo")) == "Intel Xeon, AVX-512, AMX"
     assert versus_authors.cpu_model(str(tmp_path / "missing")) == ""
+    arm = "processor\t: 0\nBogoMIPS\t: 243.75\nFeatures\t: fp asimd sve sve2 bf16\nCPU implementer\t: 0x41\nCPU part\t: 0xd4f\n"
+    (tmp_path / "cpuinfo").write_text(arm)  # an Arm Neoverse V2 (Graviton 4, Grace): no model name, no flags
+    assert versus_authors.cpu_model(str(tmp_path / "cpuinfo")) == "Arm CPU, implementer 0x41 part 0xd4f, SVE2"
+    (tmp_path / "cpuinfo").write_text(arm.replace(" sve sve2", ""))
+    assert versus_authors.cpu_model(str(tmp_path / "cpuinfo")) == "Arm CPU, implementer 0x41 part 0xd4f, NEON"
 
 
 FAKE_FLOWRL = {
