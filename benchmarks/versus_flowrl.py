@@ -209,16 +209,19 @@ def time_task(args: Args, env_id: str, work: str, runner: str) -> dict:
 
 def table(rows: list[dict], args: Args, machine: str) -> list[str]:
     cell = lambda xs: f"{statistics.median(xs):.2f} ({min(xs):.2f} to {max(xs):.2f})" if xs else "-"
+    bf16 = [" | authors' (bf16 autocast)", " | ours / authors' bf16"] if args.bf16 else ["", ""]
     return [f"Marginal env steps/s after learning starts ({args.short} and {args.long} steps, --learning-starts "
             f"{args.learning_starts}, {args.repeats} interleaved repeats: median (min to max)): flowrl_jax.py against "
-            f"bytedance/FlowRL's main.py at its defaults on the CPU, float32 and with its bf16 autocast, "
+            f"bytedance/FlowRL's main.py at its defaults on the CPU, "
+            f"{'float32 and with its bf16 autocast' if args.bf16 else 'float32 (its bf16 autocast not timed)'}, "
             f"{'OMP_NUM_THREADS=%d' % args.their_threads if args.their_threads else 'torch on every core'}. Machine: "
             f"{machine}; {time.strftime('%Y-%m-%d')}. Command: python benchmarks/versus_flowrl.py"
             f"{command_flags(args, {'authors': '<checkout>', 'torch_python': '<python with torch>'})}", "",
-            "| task | ours | authors' (float32) | authors' (bf16 autocast) | ours / authors' float32 | ours / authors' bf16 |",
-            "|---|---|---|---|---|---|",
-            *[f"| {r['env_id']} | {cell(r['ours'])} | {cell(r['theirs'])} | {cell(r.get('theirs_bf16', []))} | "
-              f"{cell(r['ours/theirs'])} | {cell(r.get('ours/theirs_bf16', []))} |" for r in rows]]
+            f"| task | ours | authors' (float32){bf16[0]} | ours / authors' float32{bf16[1]} |",
+            "|---|---|---|---|" + "---|" * args.bf16,
+            *[f"| {r['env_id']} | {cell(r['ours'])} | {cell(r['theirs'])} | "
+              + (f"{cell(r.get('theirs_bf16', []))} | " if args.bf16 else "") + f"{cell(r['ours/theirs'])} |"
+              + (f" {cell(r.get('ours/theirs_bf16', []))} |" if args.bf16 else "") for r in rows]]
 
 
 def check(args: Args) -> None:

@@ -359,7 +359,10 @@ def test_versus_flowrl_interleaves_the_runs_and_refuses_bad_input(tmp_path, monk
     assert lines[0].endswith("Command: python benchmarks/versus_flowrl.py --authors <checkout> --torch-python <python with torch>")
     every_core = versus_flowrl.Args(authors="x", torch_python="y", env_ids=["Humanoid-v4"], bf16=False, their_threads=0)
     first = versus_flowrl.table([{"env_id": "Humanoid-v4", **rates}], every_core, "test machine")[0]
-    assert "torch on every core" in first
+    assert "torch on every core" in first and "float32 (its bf16 autocast not timed)" in first
+    assert versus_flowrl.table([{"env_id": "Humanoid-v4", **rates}], every_core, "m")[2:] == [
+        "| task | ours | authors' (float32) | ours / authors' float32 |", "|---|---|---|---|",
+        "| Humanoid-v4 | 10.00 (10.00 to 10.00) | 5.00 (5.00 to 5.00) | 2.00 (2.00 to 2.00) |"]
     assert first.endswith("--torch-python <python with torch> --env-ids Humanoid-v4 --no-bf16 --their-threads 0")
     seconds["theirs"] = -0.1  # a long run no longer than the short one (a start-up that varied): refused
     with pytest.raises(SystemExit, match="theirs's 1500-step run took no longer than its 1200-step run"):
