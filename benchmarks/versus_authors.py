@@ -264,9 +264,10 @@ def time_pair(script: str, args: Args, env_id: str, env: dict, work: str) -> dic
     return {**rates, "ratio": [o / t for o, t in zip(rates["ours"], rates["theirs"])]}
 
 
-def command_flags(args, placeholders: dict, hidden: tuple = ()) -> str:
-    """The flags of a run that differ from their defaults, as typed, for the "Command:" line of a table: paths of
-    this machine as `placeholders` ({"authors": "<checkout>"}), --out relative to the repository, `hidden` left out."""
+def command_flags(args, local_paths: dict, hidden: tuple = ()) -> str:
+    """The flags of a run that differ from their defaults, as typed, for the "Command:" line of a table: a path of
+    this machine by the name in `local_paths` ({"authors": "<checkout>"}), --out relative to the repository,
+    the fields in `hidden` left out."""
     flags = ""
     for name, default in vars(type(args)()).items():
         value = getattr(args, name)
@@ -275,8 +276,8 @@ def command_flags(args, placeholders: dict, hidden: tuple = ()) -> str:
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             flags += f" {flag if value else '--no-' + flag[2:]}"
-        elif name in placeholders:
-            flags += f" {flag} {placeholders[name]}"
+        elif name in local_paths:
+            flags += f" {flag} {local_paths[name]}"
         elif name == "out":
             flags += f" {flag} {os.path.relpath(value, ROOT) if os.path.isabs(value) else value}"
         else:

@@ -209,7 +209,11 @@ def time_task(args: Args, env_id: str, work: str, runner: str) -> dict:
 
 def table(rows: list[dict], args: Args, machine: str) -> list[str]:
     cell = lambda xs: f"{statistics.median(xs):.2f} ({min(xs):.2f} to {max(xs):.2f})" if xs else "-"
-    bf16 = [" | authors' (bf16 autocast)", " | ours / authors' bf16"] if args.bf16 else ["", ""]
+    columns = [(key, head) for key, head in [("ours", "ours"), ("theirs", "authors' (float32)"),
+                                              ("theirs_bf16", "authors' (bf16 autocast)"),
+                                              ("ours/theirs", "ours / authors' float32"),
+                                              ("ours/theirs_bf16", "ours / authors' bf16")]
+               if args.bf16 or "bf16" not in key]
     return [f"Marginal env steps/s after learning starts ({args.short} and {args.long} steps, --learning-starts "
             f"{args.learning_starts}, {args.repeats} interleaved repeats: median (min to max)): flowrl_jax.py against "
             f"bytedance/FlowRL's main.py at its defaults on the CPU, "
@@ -217,11 +221,8 @@ def table(rows: list[dict], args: Args, machine: str) -> list[str]:
             f"{'OMP_NUM_THREADS=%d' % args.their_threads if args.their_threads else 'torch on every core'}. Machine: "
             f"{machine}; {time.strftime('%Y-%m-%d')}. Command: python benchmarks/versus_flowrl.py"
             f"{command_flags(args, {'authors': '<checkout>', 'torch_python': '<python with torch>'})}", "",
-            f"| task | ours | authors' (float32){bf16[0]} | ours / authors' float32{bf16[1]} |",
-            "|---|---|---|---|" + "---|" * args.bf16,
-            *[f"| {r['env_id']} | {cell(r['ours'])} | {cell(r['theirs'])} | "
-              + (f"{cell(r.get('theirs_bf16', []))} | " if args.bf16 else "") + f"{cell(r['ours/theirs'])} |"
-              + (f" {cell(r.get('ours/theirs_bf16', []))} |" if args.bf16 else "") for r in rows]]
+            "| task | " + " | ".join(head for _, head in columns) + " |", "|---|" + "---|" * len(columns),
+            *["| " + " | ".join([r["env_id"]] + [cell(r.get(key, [])) for key, _ in columns]) + " |" for r in rows]]
 
 
 def check(args: Args) -> None:
