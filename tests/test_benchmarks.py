@@ -402,6 +402,37 @@ def test_profile_update_groups_traced_kernels_by_kind(tmp_path):
     assert profile_update.kernel_breakdown(str(tmp_path / "plugins" / "none"), 2) == {}
 
 
+def test_profile_update_finds_every_product_the_update_computes():
+    """The update's matmuls, counted by hand: a scan's body once per iteration, of a cond the costlier
+    branch, a nested jit's and a gradient's products, no dead code's; grouped into distinct products with their counts,
+    each of which computes what the dot it stands for computes."""
+    import jax
+    import jax.numpy as jnp
+
+    import profile_update
+
+    inner = jax.jit(lambda h, w: jnp.tanh(h @ w))  # a nested jit: [8, 16] x [16, 16]
+
+    def f(x, w, v):
+        h = jax.lax.scan(lambda h, _: (inner(h, w), None), x, None, length=3)[0]  # 3 x [8, 16] x [16, 16]
+        h = jax.lax.cond(h.sum() > 0, lambda h: h @ w @ w, lambda h: h * 2.0, h)  # 2 x [8, 16] x [16, 16]
+        _ = w @ v  # dead code: XLA never computes it
+        return jnp.einsum("bi,kij->kbj", h, v).sum()  # [8, 16] x [4, 16, 5]
+
+    x, w, v = jnp.ones((8, 16)), jnp.ones((16, 16)), jnp.ones((4, 16, 5))
+    dots = profile_update.update_dots(jax.make_jaxpr(f)(x, w, v).jaxpr)
+    assert len(dots) == 3 + 2 + 1
+    assert profile_update.dot_flops(dots) == 5 * 2 * 8 * 16 * 16 + 2 * 8 * 16 * 4 * 5
+    grad_dots = profile_update.update_dots(jax.make_jaxpr(jax.grad(f, argnums=1))(x, w, v).jaxpr)
+    assert len(grad_dots) > len(dots)  # the backward products too
+    products = profile_update.matmuls_alone(dots)
+    assert sorted(c for *_, c in products) == [1, 5]
+    for fn, a, b, count in products:  # random inputs of the dot's shapes (jnp.einsum puts v on the left)
+        expected = np.einsum("ij,jk->ik", a, b) if count == 5 else np.einsum("kij,bi->kjb", a, b)
+        np.testing.assert_allclose(fn(a, b), expected, rtol=1e-4, atol=1e-4)
+    assert len(profile_update.time_products(products)) == 2
+
+
 FAKE_AUTHORS_SCRIPT = """
 import sys
 import jax
@@ -462,7 +493,9 @@ def test_profile_update_times_and_costs_the_authors_calls_from_outside(tmp_path)
                                            + row["parts_ms"]["actor_apply_inference"]
                                            + row["parts_ms"]["update_actor_and_alpha"] * 10 / 30)
     assert row["kinds_ms"], "the trace of 6 update_critic calls gave no kernels"
-    lines = profile_update.markdown([row], args, 100.0, "test machine")
+    assert row["peak_samples"] == 3 * (30 - 3 - 6)  # after each untraced update_critic call from the fourth on
+    assert 0 < row["peak_gflops"] <= row["best_peak_gflops"] and row["wall_ms"] >= row["best_wall_ms"] > 0
+    lines = profile_update.markdown([row], args, "test machine")
     assert lines[0].startswith("Where one env step's update goes") and "test machine" in lines[0]
     assert lines[0].endswith("Command: python benchmarks/profile_update.py --authors <checkout> --their-steps 30")
     humanoid = profile_update.Args(env_id="Humanoid-v4", out=os.path.join(profile_update.ROOT, "b", "p"), calls=3)
