@@ -83,8 +83,9 @@ def peak_sampler():
 
 
 def update_dots(jaxpr) -> list:
-    """The dot_generals one call of `jaxpr` executes, as (lhs aval, rhs aval, params), after dead code is
-    removed (as XLA would): a scan's once per iteration, of a cond's branches the one with the most FLOPs."""
+    """The dot_generals one call of `jaxpr` executes, as (lhs aval, rhs aval, params), without dead code or
+    repeats of a product already computed (as XLA would): a scan's once per iteration, of a cond's branches
+    the one with the most FLOPs."""
     from jax._src.interpreters import partial_eval as pe  # jax has no public dead-code pass for jaxprs
 
     return _dots(pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))[0])
@@ -93,8 +94,19 @@ def update_dots(jaxpr) -> list:
 def _dots(jaxpr, times: int = 1) -> list:
     from jax.extend import core
 
-    dots = []
+    # value numbering: an equation of the same primitive and parameters on the same values computes the
+    # same value, which XLA computes once (the rollout's K products of s with the same weight, for one)
+    number, seen, dots = {}, {}, []  # number: variable -> value number; seen: equation -> its number
+    value = lambda v: ("literal", repr(v.val)) if isinstance(v, core.Literal) else number.get(v, ("input", id(v)))
     for eqn in jaxpr.eqns:
+        params = tuple((k, id(v) if isinstance(v, (core.ClosedJaxpr, core.Jaxpr)) else repr(v))
+                       for k, v in sorted(eqn.params.items()))
+        key = (eqn.primitive.name, params, tuple(map(value, eqn.invars)))
+        repeat = key in seen
+        n = seen.setdefault(key, len(seen))
+        number.update((out, (n, i)) for i, out in enumerate(eqn.outvars))
+        if repeat:
+            continue
         if eqn.primitive.name == "dot_general":
             dots += [(eqn.invars[0].aval, eqn.invars[1].aval, eqn.params)] * times
         elif eqn.primitive.name == "scan":
