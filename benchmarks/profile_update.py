@@ -5,8 +5,8 @@
 
 For each script at its defaults (authors' sizes), in a fresh process:
 - wall ms per env step of the update: ours, the compiled update with the actor branch forced off and on
-  (critic + actor / policy delay), the median of --calls timed calls each, the two alternating; theirs, every top-level jitted
-  call of their own training loop timed to completion (update_critic, update_target, actor_apply_inference
+  (critic + actor / policy delay), the median of --calls timed calls each, the two alternating; theirs,
+  every top-level jitted call of their own training loop timed to completion (update_critic, update_target, actor_apply_inference
   each env step, update_actor_and_alpha on one in three), the median per function times calls per env step;
 - the kernels of --cycles policy-delay cycles traced with jax.profiler, grouped by kind: matmul kernels
   (XLA:CPU's ynn fusions and dots) and each kind of elementwise fusion, copy and control flow, in ms per env step;
@@ -16,9 +16,10 @@ For each script at its defaults (authors' sizes), in a fresh process:
   median against median and best against best (a best-of peak against a median update mixes the machine's
   spread into the share);
 - ours only: the update's own matmuls alone, its dot_generals (same shapes, dimension numbers and count,
-  a scan's once per iteration), each distinct one jitted alone on random inputs and timed beside the update
-  (one call of each per round, times its count): about the rate the update would reach if all its other
-  work were free (each small product pays a dispatch of its own, a few microseconds).
+  a scan's once per iteration, dead code and repeats on the same values left out as XLA leaves them out),
+  each distinct one jitted alone on random inputs and timed beside the update (one call of each per round,
+  less the time of an empty call, times its count): about the rate the update would reach if all its other
+  work were free.
 On XLA:CPU a dot that runs on the thread pool is traced only while it is launched, so the traced matmul
 time is a lower bound; the table also gives wall minus the traced non-matmul kernels, an upper bound on
 the matmul time. Writes {out}.md and {out}.json.
@@ -68,7 +69,6 @@ def peak_sampler():
     """A function timing one jitted float32 1024 x 1024 matmul (seconds): the machine's matmul rate, sampled
     between the update's calls so that both see the same moments of a shared machine."""
     import jax
-    import numpy as np
 
     x = jax.device_put(np.random.default_rng(0).standard_normal((PEAK_N, PEAK_N), dtype=np.float32))
     mm = jax.jit(lambda m: m @ m)
@@ -232,7 +232,8 @@ class Args:
     authors: str = ""
     """a checkout of github.com/Elessar123/SAC-FLOW: also profile their script of each pair (nothing in it is changed)"""
     calls: int = 15
-    """timed calls of our update with the actor branch forced off, and again forced on"""
+    """rounds of timed calls of ours: the peak matmul, the update with the actor branch forced off, then on,
+    each followed by its matmuls alone"""
     cycles: int = 2
     """policy-delay cycles of our update traced"""
     their_steps: int = 60

@@ -404,8 +404,8 @@ def test_profile_update_groups_traced_kernels_by_kind(tmp_path):
 
 def test_profile_update_finds_every_product_the_update_computes():
     """The update's matmuls, counted by hand: a scan's body once per iteration, of a cond the costlier
-    branch, a nested jit's and a gradient's products, no dead code's; grouped into distinct products with their counts,
-    each of which computes what the dot it stands for computes."""
+    branch, a nested jit's and a gradient's products, neither dead code's nor a repeat's on the same values;
+    grouped into distinct products with their counts, each computing what the dot it stands for computes."""
     import jax
     import jax.numpy as jnp
 
@@ -414,6 +414,7 @@ def test_profile_update_finds_every_product_the_update_computes():
     inner = jax.jit(lambda h, w: jnp.tanh(h @ w))  # a nested jit: [8, 16] x [16, 16]
 
     def f(x, w, v):
+        x = jnp.tanh(x @ w) - jnp.sin(x @ w)  # the same product twice: XLA computes it once
         h = jax.lax.scan(lambda h, _: (inner(h, w), None), x, None, length=3)[0]  # 3 x [8, 16] x [16, 16]
         h = jax.lax.cond(h.sum() > 0, lambda h: h @ w @ w, lambda h: h * 2.0, h)  # 2 x [8, 16] x [16, 16]
         _ = w @ v  # dead code: XLA never computes it
@@ -421,14 +422,14 @@ def test_profile_update_finds_every_product_the_update_computes():
 
     x, w, v = jnp.ones((8, 16)), jnp.ones((16, 16)), jnp.ones((4, 16, 5))
     dots = profile_update.update_dots(jax.make_jaxpr(f)(x, w, v).jaxpr)
-    assert len(dots) == 3 + 2 + 1
-    assert profile_update.dot_flops(dots) == 5 * 2 * 8 * 16 * 16 + 2 * 8 * 16 * 4 * 5
+    assert len(dots) == 1 + 3 + 2 + 1
+    assert profile_update.dot_flops(dots) == 6 * 2 * 8 * 16 * 16 + 2 * 8 * 16 * 4 * 5
     grad_dots = profile_update.update_dots(jax.make_jaxpr(jax.grad(f, argnums=1))(x, w, v).jaxpr)
     assert len(grad_dots) > len(dots)  # the backward products too
     products = profile_update.matmuls_alone(dots)
-    assert sorted(c for *_, c in products) == [1, 5]
+    assert sorted(c for *_, c in products) == [1, 6]
     for fn, a, b, count in products:  # random inputs of the dot's shapes (jnp.einsum puts v on the left)
-        expected = np.einsum("ij,jk->ik", a, b) if count == 5 else np.einsum("kij,bi->kjb", a, b)
+        expected = np.einsum("ij,jk->ik", a, b) if count == 6 else np.einsum("kij,bi->kjb", a, b)
         np.testing.assert_allclose(fn(a, b), expected, rtol=1e-4, atol=1e-4)
     assert len(profile_update.time_products(products)) == 2
 
