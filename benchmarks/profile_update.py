@@ -65,12 +65,14 @@ def kernel_breakdown(trace_dir: str, env_steps: int) -> dict:
 PEAK_N, PEAK_CALLS = 1024, 3  # the peak: a float32 1024 x 1024 matmul, sampled 3 times before each timed update
 
 
-def peak_sampler():
-    """A function timing one jitted float32 1024 x 1024 matmul (seconds): the machine's matmul rate, sampled
-    between the update's calls so that both see the same moments of a shared machine."""
+@functools.cache
+def peak_sampler(n: int = PEAK_N):
+    """A function timing one jitted float32 n x n matmul (seconds): at n = 1024 the machine's matmul rate,
+    sampled between the update's calls so that both see the same moments of a shared machine; at n = 1
+    what a call costs beside its arithmetic."""
     import jax
 
-    x = jax.device_put(np.random.default_rng(0).standard_normal((PEAK_N, PEAK_N), dtype=np.float32))
+    x = jax.device_put(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
     mm = jax.jit(lambda m: m @ m)
     mm(x).block_until_ready()
 
@@ -148,24 +150,13 @@ def matmuls_alone(dots: list) -> list:
 def time_products(products: list) -> list:
     """Seconds of one call of each product (its function called once, to completion), less those of a
     call of a 1 x 1 product timed just before it: what a call costs beside its arithmetic."""
-    seconds, empty = [], _empty_call()
+    seconds, empty = [], peak_sampler(1)
     for fn, a, b, _ in products:
+        overhead = empty()
         t = time.perf_counter()
-        empty()
-        t, overhead = time.perf_counter(), time.perf_counter() - t
         fn(a, b).block_until_ready()
         seconds.append(max(time.perf_counter() - t - overhead, 0.0))
     return seconds
-
-
-@functools.cache
-def _empty_call():
-    import jax
-
-    x, fn = np.ones((1, 1), np.float32), jax.jit(lambda x: x @ x)
-    x = jax.device_put(x)
-    fn(x).block_until_ready()
-    return lambda: fn(x).block_until_ready()
 
 
 # Run as `python record_times.py OUT CALLS_BEFORE_TRACE SCRIPT ARGS...`: SCRIPT as __main__ with jax.jit
