@@ -7,9 +7,18 @@
 The figure is the marginal env steps/s after learning starts: each script runs --short and --long total
 steps with --learning-starts random steps first (evaluation, checkpoints, tracking and model saving off),
 and (long - short) / (time of long - time of short) cancels start-up, compilation and the random
-phase. The four runs of a task and a script pair are interleaved (ours short, theirs short, theirs long,
-ours long; reversed on odd repeats), each alone on the machine with all its cores, and the table gives
-the median over --repeats with the spread (min to max).
+phase. The four runs of a task and a script pair are interleaved (ours short, theirs short, ours long,
+theirs long; reversed on odd repeats, so that each side's two runs lie as far apart as the other's),
+each alone on the machine with all its cores, and the table gives the median over --repeats with the
+spread (min to max).
+
+A second figure comes from the same runs: the env steps/s within each run, from a timestamp at each call
+of the function the training loop calls once per env step after learning starts (ours `update_seeds`, the
+jitted update; theirs `update_critic`), stamped by a runner that wraps jax.jit from outside and runs the
+script as `__main__`. The first --skip-updates calls (compilation, their actor's first call) are left out;
+the steps between the remaining stamps of the short and the long run, over their time, give one rate per
+side and repeat. It leaves out start-up and compilation without a difference of two runs, so the
+machine's drift between runs minutes apart does not enter it.
 
 Their scripts run as they are, from their checkout, with what they need here supplied from outside:
 `cleanrl_utils.buffers.ReplayBuffer` (theirs imports torch) by a numpy stand-in with the same add/sample
@@ -45,6 +54,8 @@ PAIRS = {
     "sac_flow_g": ("sac_flow_g.py", "from_scratch_code/SAC_flow_gru_jax.py"),
     "sac_flow_t": ("sac_flow_t.py", "from_scratch_code/SAC_flow_transformer_jax.py"),
 }
+# the jitted function each side's training loop calls once per env step after learning starts
+PER_STEP = {"ours": "update_seeds", "theirs": "update_critic"}
 
 BUFFER_STAND_IN = '''"""A numpy stand-in for cleanrl_utils.buffers.ReplayBuffer (theirs imports torch), written by
 benchmarks/versus_authors.py: the same add/sample interface, uniform sampling of the stored transitions."""
@@ -139,6 +150,44 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 '''
 
 
+# Run as `python record_stamps.py SCRIPT ARGS...` with STAMP_FUNCTION and STAMPS_OUT set: SCRIPT as __main__
+# (its folder first on sys.path, as `python SCRIPT` has it) with jax.jit wrapped so that every top-level call
+# of the jitted function named STAMP_FUNCTION appends time.perf_counter() (calls traced inside another jitted
+# function are not stamped); the stamps go to STAMPS_OUT at exit. Other functions are jitted as before.
+STAMPS_RECORDER = '''import atexit, json, os, runpy, sys, time
+
+import jax
+
+stamps, wanted, _jit = [], os.environ["STAMP_FUNCTION"], jax.jit
+
+
+def jit(fun=None, **kw):
+    if fun is None:
+        return lambda f: jit(f, **kw)
+    jitted = _jit(fun, **kw)
+    if getattr(fun, "__name__", None) != wanted:
+        return jitted
+
+    class Stamped:
+        def __call__(self, *a, **k):
+            if not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((a, k))):
+                stamps.append(time.perf_counter())
+            return jitted(*a, **k)
+
+        def __getattr__(self, attr):
+            return getattr(jitted, attr)
+
+    return Stamped()
+
+
+jax.jit = jit
+atexit.register(lambda: json.dump(stamps, open(os.environ["STAMPS_OUT"], "w")))
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
 @dataclass
 class Args:
     authors: str = ""
@@ -155,6 +204,8 @@ class Args:
     """total steps of the long run"""
     repeats: int = 2
     """interleaved repeats of the four runs"""
+    skip_updates: int = 20
+    """per-step calls at the start of each run left out of the within-run rate (compilation, first calls)"""
     seed: int = 1
     """seed of every run"""
     out: str = os.path.join(ROOT, "benchmarks", "results", "versus_authors_cpu")
@@ -199,13 +250,29 @@ def command(side: str, script: str, args: Args, env_id: str, steps: int) -> list
     return [sys.executable, os.path.join(args.authors, theirs), *common, "--no-track", "--no-save-model"]
 
 
-def timed(cmd: list[str], env: dict, cwd: str) -> float:
+def timed(cmd: list[str], env: dict, cwd: str, per_step: str) -> tuple[float, list[float]]:
+    """Seconds of the run of `cmd` (a script and its flags) under the stamps recorder, and the timestamps of its
+    top-level calls of the jitted function named `per_step`."""
+    out = os.path.join(cwd, "stamps.json")
+    if os.path.exists(out):
+        os.remove(out)
+    cmd = [cmd[0], os.path.join(env["PYTHONPATH"], "record_stamps.py"), *cmd[1:]]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=cwd, env=dict(env, STAMP_FUNCTION=per_step, STAMPS_OUT=out), capture_output=True,
+                          text=True)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
-        raise SystemExit(f"error: {' '.join(cmd[1:3])}... exited {proc.returncode}:\n{proc.stderr[-2000:]}")
-    return elapsed
+        raise SystemExit(f"error: {' '.join(cmd[2:4])}... exited {proc.returncode}:\n{proc.stderr[-2000:]}")
+    with open(out) as f:
+        return elapsed, json.load(f)
+
+
+def within_rate(runs: list[list[float]], skip: int) -> float:
+    """Env steps/s within runs: the steps between each run's per-step stamps after the first `skip`, over their
+    time, pooled over the runs (nan if no run has two stamps left)."""
+    kept = [stamps[skip:] for stamps in runs if len(stamps) - skip >= 2]
+    steps, seconds = sum(len(s) - 1 for s in kept), sum(s[-1] - s[0] for s in kept)
+    return steps / seconds if seconds > 0 else float("nan")
 
 
 def their_flops(script: str, args: Args, env_id: str, env: dict, work: str) -> tuple[float, dict]:
@@ -251,17 +318,23 @@ def our_flops(script: str, env_id: str) -> tuple[float, dict]:
 
 
 def time_pair(script: str, args: Args, env_id: str, env: dict, work: str) -> dict:
-    """Marginal env steps/s of both sides per repeat, the four runs interleaved: {"ours", "theirs", "ratio"}."""
-    rates = {"ours": [], "theirs": []}
+    """Env steps/s of both sides per repeat, the four runs interleaved: the marginal rate ("ours", "theirs",
+    "ratio") and the rate within the runs ("ours_within", "theirs_within", "ratio_within")."""
+    rates = {"ours": [], "theirs": [], "ours_within": [], "theirs_within": []}
     for r in range(args.repeats):
-        order = [("ours", args.short), ("theirs", args.short), ("theirs", args.long), ("ours", args.long)]
-        times = {}
+        order = [("ours", args.short), ("theirs", args.short), ("ours", args.long), ("theirs", args.long)]
+        times, stamps = {}, {}
         for side, steps in (order if r % 2 == 0 else order[::-1]):
-            times[(side, steps)] = timed(command(side, script, args, env_id, steps), env, work)
-            print(f"{env_id} {script} {side} {steps} steps: {times[(side, steps)]:.1f} s", flush=True)
-        for side in rates:
+            times[(side, steps)], stamps[(side, steps)] = timed(command(side, script, args, env_id, steps), env, work,
+                                                                PER_STEP[side])
+            print(f"{env_id} {script} {side} {steps} steps: {times[(side, steps)]:.1f} s, "
+                  f"{len(stamps[(side, steps)])} {PER_STEP[side]} calls", flush=True)
+        for side in ("ours", "theirs"):
             rates[side].append((args.long - args.short) / (times[(side, args.long)] - times[(side, args.short)]))
-    return {**rates, "ratio": [o / t for o, t in zip(rates["ours"], rates["theirs"])]}
+            rates[side + "_within"].append(within_rate([stamps[(side, args.short)], stamps[(side, args.long)]],
+                                                       args.skip_updates))
+    ratio = lambda key: [o / t for o, t in zip(rates["ours" + key], rates["theirs" + key])]
+    return {**rates, "ratio": ratio(""), "ratio_within": ratio("_within")}
 
 
 def command_flags(args, local_paths: dict, hidden: tuple = ()) -> str:
@@ -289,18 +362,21 @@ def table(rows: list[dict], args: Args, machine: str) -> list[str]:
     """The markdown of the rows: speeds (median, min to max) where timed, FLOPs where costed."""
     cell = lambda xs: f"{statistics.median(xs):.2f} ({min(xs):.2f} to {max(xs):.2f})" if xs else "-"
     gflop = lambda r, side: f"{r[side + '_gflop']:.2f}" if side + "_gflop" in r else "-"
-    what = (f"Marginal env steps/s after learning starts ({args.short} and {args.long} steps, --learning-starts "
-            f"{args.learning_starts}, {args.repeats} interleaved repeats: median (min to max))" if args.timing else
+    what = (f"Env steps/s after learning starts, {args.repeats} interleaved repeats, median (min to max): marginal, "
+            f"from runs of {args.short} and {args.long} steps with --learning-starts {args.learning_starts}; within, "
+            f"between the per-step update calls of the same runs after the first {args.skip_updates}" if args.timing else
             "No speeds (--no-timing)")
     flops = (f"; GFLOP per env step from XLA's cost_analysis() (theirs over --learning-starts {args.learning_starts} + "
              f"{args.flops_steps} steps)" if args.flops else "")
     return [f"{what}{flops}: ours against the authors' scripts at their defaults. Machine: {machine}; "
             f"{time.strftime('%Y-%m-%d')}. Command: python benchmarks/versus_authors.py"
             f"{command_flags(args, {'authors': '<checkout>'})}", "",
-            "| task | script | ours | authors' | ours / authors' | GFLOP per env step, ours | authors' |",
-            "|---|---|---|---|---|---|---|",
+            "| task | script | ours, marginal | authors', marginal | ours / authors' | ours, within | authors', within "
+            "| ours / authors', within | GFLOP per env step, ours | authors' |",
+            "|---|---|---|---|---|---|---|---|---|---|",
             *[f"| {r['env_id']} | {r['script']} | {cell(r.get('ours', []))} | {cell(r.get('theirs', []))} | "
-              f"{cell(r.get('ratio', []))} | {gflop(r, 'ours')} | {gflop(r, 'theirs')} |" for r in rows]]
+              f"{cell(r.get('ratio', []))} | {cell(r.get('ours_within', []))} | {cell(r.get('theirs_within', []))} | "
+              f"{cell(r.get('ratio_within', []))} | {gflop(r, 'ours')} | {gflop(r, 'theirs')} |" for r in rows]]
 
 
 def check(args: Args) -> None:
@@ -319,6 +395,9 @@ def check(args: Args) -> None:
         raise SystemExit("error: --no-timing --no-flops measures nothing")
     if args.repeats < 1:
         raise SystemExit(f"error: --repeats must be at least 1, got {args.repeats}")
+    if not 0 <= args.skip_updates <= args.short - args.learning_starts - 2:
+        raise SystemExit(f"error: --skip-updates must be in [0, --short - --learning-starts - 2] = "
+                         f"[0, {args.short - args.learning_starts - 2}], got {args.skip_updates}")
 
 
 def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
@@ -365,8 +444,9 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as work:
         env = write_stand_ins(os.path.join(work, "stand_ins"))
-        with open(os.path.join(work, "stand_ins", "record_flops.py"), "w") as f:
-            f.write(FLOPS_RECORDER)
+        for name, recorder in (("record_flops.py", FLOPS_RECORDER), ("record_stamps.py", STAMPS_RECORDER)):
+            with open(os.path.join(work, "stand_ins", name), "w") as f:
+                f.write(recorder)
         for env_id in args.env_ids:
             for script in args.scripts:
                 flops = {}
@@ -380,8 +460,8 @@ def main(argv=None) -> int:
                 if args.timing:
                     row.update(time_pair(script, args, env_id, env, work))
                     print(f"{env_id} {script}: ours {statistics.median(row['ours']):.2f}, theirs "
-                          f"{statistics.median(row['theirs']):.2f} env steps/s, ratio {statistics.median(row['ratio']):.2f}",
-                          flush=True)
+                          f"{statistics.median(row['theirs']):.2f} env steps/s, ratio {statistics.median(row['ratio']):.2f}; "
+                          f"within the runs {statistics.median(row['ratio_within']):.2f}", flush=True)
                 rows.append(row)
     write_results(args, rows, table(rows, args, MACHINE))
     return 0

@@ -223,7 +223,9 @@ def test_versus_authors_buffer_stand_in_and_refusals(tmp_path):
     (tmp_path / "from_scratch_code" / "SAC_flow_gru_jax.py").write_text("")
     versus_authors.check(versus_authors.Args(**ok))
     for bad, message in [({"authors": ""}, "--authors is required"), ({"scripts": ["sac_flow"]}, "unknown script 'sac_flow'"),
-                         ({"short": 1600}, "--short < --long"), ({"repeats": 0}, "--repeats must be at least 1")]:
+                         ({"short": 1600}, "--short < --long"), ({"repeats": 0}, "--repeats must be at least 1"),
+                         ({"skip_updates": 199}, r"--skip-updates must be in \[0, --short - --learning-starts - 2\] = "
+                                                 r"\[0, 198\], got 199"), ({"skip_updates": -1}, "got -1")]:
         with pytest.raises(SystemExit, match=message):
             versus_authors.check(versus_authors.Args(**{**ok, **bad}))
     cmd = versus_authors.command("theirs", "sac_flow_g", versus_authors.Args(**ok), "Humanoid-v4", 1500)
@@ -235,7 +237,8 @@ def test_versus_authors_table_gives_medians_and_spreads():
     import versus_authors
 
     rows = [{"env_id": "Hopper-v4", "script": "sac_flow_g", "ours": [9.0, 11.0, 10.0], "theirs": [8.0, 8.0, 8.0],
-             "ratio": [1.125, 1.375, 1.25], "ours_gflop": 15.81, "theirs_gflop": 16.08},
+             "ratio": [1.125, 1.375, 1.25], "ours_within": [6.0, 7.0, 8.0], "theirs_within": [5.0, 5.0, 5.0],
+             "ratio_within": [1.2, 1.4, 1.6], "ours_gflop": 15.81, "theirs_gflop": 16.08},
             {"env_id": "Humanoid-v4", "script": "sac_flow_t", "ours_gflop": 22.62, "theirs_gflop": 22.27}]
     lines = versus_authors.table(rows, versus_authors.Args(authors="x", repeats=3), "test machine")
     assert "3 interleaved repeats" in lines[0] and "test machine" in lines[0]
@@ -244,8 +247,9 @@ def test_versus_authors_table_gives_medians_and_spreads():
                                      out=os.path.join(versus_authors.ROOT, "benchmarks", "results", "f"))
     assert versus_authors.table(rows, flops_only, "test machine")[0].endswith(
         "versus_authors.py --authors <checkout> --scripts sac_flow_t --out benchmarks/results/f --no-timing --flops-steps 60")
-    assert lines[4] == "| Hopper-v4 | sac_flow_g | 10.00 (9.00 to 11.00) | 8.00 (8.00 to 8.00) | 1.25 (1.12 to 1.38) | 15.81 | 16.08 |"
-    assert lines[5] == "| Humanoid-v4 | sac_flow_t | - | - | - | 22.62 | 22.27 |"
+    assert lines[4] == ("| Hopper-v4 | sac_flow_g | 10.00 (9.00 to 11.00) | 8.00 (8.00 to 8.00) | 1.25 (1.12 to 1.38) | "
+                        "7.00 (6.00 to 8.00) | 5.00 (5.00 to 5.00) | 1.40 (1.20 to 1.60) | 15.81 | 16.08 |")
+    assert lines[5] == "| Humanoid-v4 | sac_flow_t | - | - | - | - | - | - | 22.62 | 22.27 |"
 
 
 def test_versus_authors_names_the_cpu_model_and_its_vector_width(tmp_path):
@@ -473,6 +477,28 @@ for step in range(steps):
             update_actor_and_alpha(w)
         update_target(w)
 """
+
+
+def test_versus_authors_stamps_each_top_level_per_step_call_from_outside(tmp_path):
+    import versus_authors
+
+    checkout = tmp_path / "SAC-FLOW" / "from_scratch_code"
+    checkout.mkdir(parents=True)
+    # run as `python script` runs it: as __main__, its own folder first on the path
+    (checkout / "beside.py").write_text("NAME = 'beside'\n")
+    (checkout / "SAC_flow_gru_jax.py").write_text("import beside\nassert __name__ == '__main__'\n" + FAKE_AUTHORS_SCRIPT)
+    env = versus_authors.write_stand_ins(str(tmp_path / "stand_ins"))
+    (tmp_path / "stand_ins" / "record_stamps.py").write_text(versus_authors.STAMPS_RECORDER)
+    args = versus_authors.Args(authors=str(tmp_path / "SAC-FLOW"), learning_starts=4)
+    cmd = versus_authors.command("theirs", "sac_flow_g", args, "Hopper-v4", 12)
+    seconds, stamps = versus_authors.timed(cmd, env, str(tmp_path), versus_authors.PER_STEP["theirs"])
+    # one stamp per step after learning starts; the update_critic traced inside update_target is not a call
+    assert len(stamps) == 8 and stamps == sorted(stamps) and 0 < stamps[-1] - stamps[0] < seconds
+
+    within = versus_authors.within_rate
+    assert within([[0.0, 5.0, 6.0, 7.0], [10.0, 20.0, 20.5, 21.0, 21.5]], skip=1) == pytest.approx(5 / 3.5)
+    assert within([[0.0, 1.0], [0.0, 0.5, 1.0, 1.5]], skip=1) == pytest.approx(2 / 1.0)  # the first run has 1 left
+    assert np.isnan(within([[0.0, 1.0]], skip=1))
 
 
 def test_profile_update_times_and_costs_the_authors_calls_from_outside(tmp_path):
