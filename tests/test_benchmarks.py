@@ -576,3 +576,40 @@ def test_versus_commit_builds_the_earlier_script_beside_the_current_one():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "versus_commit.py"), "--commit", "no-such-ref"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: --commit 'no-such-ref'")
+
+
+def test_pool_versus_authors_pools_every_repeat_and_counts_the_target(tmp_path, capsys):
+    import json
+
+    import pool_versus_authors as pool
+
+    row = lambda env, script, ratio, within=None: {"env_id": env, "script": script, "ours": [1.0] * len(ratio),
+                                                    "theirs": [1.0] * len(ratio), "ratio": ratio,
+                                                    **({"ratio_within": within} if within else {})}
+    (tmp_path / "a.json").write_text(json.dumps({"machine": "m1", "rows": [row("Hopper-v4", "sac_flow_g", [1.0, 1.5, 1.3]),
+                                                                         row("Humanoid-v4", "sac_flow_t", [2.0])]}))
+    (tmp_path / "b.json").write_text(json.dumps({"machine": "m2", "rows": [row("Hopper-v4", "sac_flow_g", [1.2], [1.25, 1.4])]}))
+    (tmp_path / "flops.json").write_text(json.dumps({"machine": "m1", "rows": [{"env_id": "Hopper-v4", "script": "sac_flow_g"}]}))
+    files = [str(tmp_path / n) for n in ("a.json", "b.json", "flops.json")]
+    assert pool.main(["--files", *files, "--out", str(tmp_path / "pooled")]) == 0
+    out = json.loads((tmp_path / "pooled.json").read_text())
+    assert [r["file"] for r in out["runs"]] == ["a.json", "b.json"]  # the FLOPs-only run has no ratios
+    hopper, humanoid = out["rows"]
+    # 1.0, 1.2, 1.3, 1.5: median 1.25, quartiles by linear interpolation 1.15 and 1.35, two at 1.25 or above
+    assert (hopper["runs"], hopper["ratio"]["n"], hopper["ratio"]["at_target"]) == (2, 4, 2)
+    assert [hopper["ratio"][k] for k in ("median", "q1", "q3", "min", "max")] == pytest.approx([1.25, 1.15, 1.35, 1.0, 1.5])
+    assert hopper["ratio_within"]["n"] == 2 and hopper["ratio_within"]["at_target"] == 2  # 1.25 counts
+    assert humanoid["ratio_within"] is None and humanoid["ratio"]["median"] == 2.0
+    table = (tmp_path / "pooled.md").read_text()
+    assert "| Hopper-v4 | sac_flow_g | 2 | 1.25 (1.15 to 1.35; 1.00 to 1.50), 2 of 4 | 1.32 (1.29 to 1.36; 1.25 to 1.40), 2 of 2 |" in table
+    assert "| Humanoid-v4 | sac_flow_t | 1 | 2.00 (2.00 to 2.00; 2.00 to 2.00), 1 of 1 | - |" in table
+    capsys.readouterr()
+    (tmp_path / "bad.json").write_text("{not json")
+    for argv, message in ((["--files", str(tmp_path / "none.json")], "none.json is not a file"),
+                          (["--files", files[0], "--target", "0"], "--target must be positive, got 0"),
+                          (["--files", str(tmp_path / "bad.json")], "not a versus_authors.py result"),
+                          (["--files", files[2]], "none of them holds a timed versus_authors.py run")):
+        assert pool.main([*argv, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err, err
+    assert not (tmp_path / "x.md").exists()
