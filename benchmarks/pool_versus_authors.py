@@ -36,12 +36,18 @@ class Args:
 
 
 def read_runs(paths: list[str]) -> list[dict]:
-    """The runs with timings among `paths` (a FLOPs-only run has no ratios), each {file, machine, rows}."""
+    """The runs with timings among `paths` (a FLOPs-only run has no ratios), each {file, machine, rows}; ValueError
+    naming the file that is not a versus_authors.py result."""
     runs = []
     for path in paths:
-        with open(path) as f:
-            data = json.load(f)
-        rows = [r for r in data.get("rows", []) if isinstance(r.get("ratio"), list) and r["ratio"]]
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            rows = [r for r in data.get("rows", []) if isinstance(r.get("ratio"), list) and r["ratio"]]
+            for r in rows:  # the fields pool() reads, each of the type it needs
+                str(r["env_id"]), str(r["script"]), [float(x) for x in r["ratio"] + list(r.get("ratio_within") or [])]
+        except (ValueError, KeyError, AttributeError, TypeError) as e:
+            raise ValueError(f"{path} is not a versus_authors.py result ({type(e).__name__}: {e})") from None
         if rows:
             runs.append({"file": os.path.basename(path), "machine": str(data.get("machine", "")), "rows": rows})
     return runs
@@ -104,8 +110,8 @@ def main(argv=None) -> int:
         return 2
     try:
         runs = read_runs(paths)
-    except (ValueError, KeyError, AttributeError, TypeError) as e:
-        print(f"error: --files: not a versus_authors.py result ({type(e).__name__}: {e})", file=sys.stderr)
+    except ValueError as e:
+        print(f"error: --files: {e}", file=sys.stderr)
         return 2
     if not runs:
         print("error: --files: none of them holds a timed versus_authors.py run", file=sys.stderr)
@@ -113,11 +119,15 @@ def main(argv=None) -> int:
     rows = pool(runs, args.target)
     lines = markdown(rows, runs, args.target)
     print("\n".join(lines))
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(args.out + ".json", "w") as f:
-        json.dump({"target": args.target, "runs": [{k: run[k] for k in ("file", "machine")} for run in runs],
-                   "rows": rows}, f, indent=1)
+    try:
+        with open(args.out + ".md", "w") as f:
+            f.write("\n".join(lines) + "\n")
+        with open(args.out + ".json", "w") as f:
+            json.dump({"target": args.target, "runs": [{k: run[k] for k in ("file", "machine")} for run in runs],
+                       "rows": rows}, f, indent=1)
+    except OSError as e:
+        print(f"error: --out {args.out}: cannot write ({e.strerror})", file=sys.stderr)
+        return 2
     return 0
 
 

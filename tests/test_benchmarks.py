@@ -605,11 +605,15 @@ def test_pool_versus_authors_pools_every_repeat_and_counts_the_target(tmp_path, 
     assert "| Humanoid-v4 | sac_flow_t | 1 | 2.00 (2.00 to 2.00; 2.00 to 2.00), 1 of 1 | - |" in table
     capsys.readouterr()
     (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "norow.json").write_text(json.dumps({"rows": [{"script": "sac_flow_g", "ratio": [1.3]}]}))  # no env_id
     for argv, message in ((["--files", str(tmp_path / "none.json")], "none.json is not a file"),
                           (["--files", files[0], "--target", "0"], "--target must be positive, got 0"),
-                          (["--files", str(tmp_path / "bad.json")], "not a versus_authors.py result"),
+                          (["--files", str(tmp_path / "bad.json")], "bad.json is not a versus_authors.py result"),
+                          (["--files", str(tmp_path / "norow.json")], "norow.json is not a versus_authors.py result"),
                           (["--files", files[2]], "none of them holds a timed versus_authors.py run")):
         assert pool.main([*argv, "--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and message in err, err
     assert not (tmp_path / "x.md").exists()
+    assert pool.main(["--files", files[0], "--out", str(tmp_path / "missing" / "x")]) == 2
+    assert "cannot write" in capsys.readouterr().err
