@@ -43,9 +43,9 @@ def read_runs(paths: list[str]) -> list[dict]:
         try:
             with open(path) as f:
                 data = json.load(f)
-            rows = [r for r in data.get("rows", []) if isinstance(r.get("ratio"), list) and r["ratio"]]
-            for r in rows:  # the fields pool() reads, each of the type it needs
-                str(r["env_id"]), str(r["script"]), [float(x) for x in r["ratio"] + list(r.get("ratio_within") or [])]
+            rows = [{"env_id": str(r["env_id"]), "script": str(r["script"]), "ratio": [float(x) for x in r["ratio"]],
+                     "ratio_within": [float(x) for x in r.get("ratio_within") or []]}
+                    for r in data.get("rows", []) if isinstance(r.get("ratio"), list) and r["ratio"]]
         except (ValueError, KeyError, AttributeError, TypeError) as e:
             raise ValueError(f"{path} is not a versus_authors.py result ({type(e).__name__}: {e})") from None
         if rows:
@@ -61,7 +61,7 @@ def pool(runs: list[dict], target: float) -> list[dict]:
             entry = pooled.setdefault((row["env_id"], row["script"]), {"ratio": [], "ratio_within": [], "files": []})
             entry["files"].append(run["file"])
             for kind in ("ratio", "ratio_within"):
-                entry[kind] += list(row.get(kind) or [])
+                entry[kind] += row[kind]
     out = []
     for (env_id, script), entry in pooled.items():
         row = {"env_id": env_id, "script": script, "runs": len(entry["files"])}
