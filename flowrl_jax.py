@@ -99,9 +99,7 @@ from common.checkpoint import finite_flags, restore_tree  # noqa: E402
 from common.run import ExitStatus, TrainingRun, eval_only, prepare_resume  # noqa: E402
 from common.seeds import seed_map  # noqa: E402
 
-# ---------------------------------------------------------------------------------------------
-# Networks (the authors' layouts: Xavier-uniform weights, zero biases)
-# ---------------------------------------------------------------------------------------------
+# --- Networks (the authors' layouts: Xavier-uniform weights, zero biases) ---
 
 
 def dense(features: int) -> nn.Dense:
@@ -150,9 +148,7 @@ class TwinQ(nn.Module):
         return ensemble(self.hidden_dim)(jnp.concatenate([s, a], axis=-1))
 
 
-# ---------------------------------------------------------------------------------------------
-# The flow policy: base noise, ODE integration, squashing
-# ---------------------------------------------------------------------------------------------
+# --- The flow policy: base noise, ODE integration, squashing ---
 
 
 def sample_a0(key, shape):
@@ -177,9 +173,7 @@ def integrate_flow(velocity, s, a0, flow_steps: int, integrator: str):
     return a
 
 
-# ---------------------------------------------------------------------------------------------
-# Losses
-# ---------------------------------------------------------------------------------------------
+# --- Losses ---
 
 
 def expectile_loss(diff, expectile: float):
@@ -204,9 +198,7 @@ def weighted_cfm_loss(v_pred, target_velocity, w, per_sample: bool):
     return jnp.mean(w) * jnp.mean(cfm)
 
 
-# ---------------------------------------------------------------------------------------------
-# Agent state and the jitted update
-# ---------------------------------------------------------------------------------------------
+# --- Agent state and the jitted update ---
 
 
 @struct.dataclass
@@ -360,9 +352,7 @@ def make_update(args: Args, act_dim: int, sharding=None):
     return jax.jit(update_seeds, out_shardings=sharding)
 
 
-# ---------------------------------------------------------------------------------------------
-# Acting and the training loop (the run around it, logs, evaluation, checkpoints: common/run.py)
-# ---------------------------------------------------------------------------------------------
+# --- Acting and the training loop (the run around it, logs, evaluation, checkpoints: common/run.py) ---
 
 
 def make_act(args: Args, actor_apply, act_dim: int, num_seeds: int):

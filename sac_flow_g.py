@@ -155,9 +155,7 @@ def batch_renorm(args, train: bool, **kw) -> BatchRenorm:
     return BatchRenorm(train, args.bn_momentum, args.bn_eps, args.r_max, args.d_max, args.renorm_warmup, **kw)
 
 
-# ---------------------------------------------------------------------------------------------
-# Actor: Flow-G velocity v(s, x_k, t_k), the log-std head, the rollout as one module
-# ---------------------------------------------------------------------------------------------
+# --- Actor: Flow-G velocity v(s, x_k, t_k), the log-std head, the rollout as one module ---
 
 
 def sinusoidal_embedding(t, dim: int):
@@ -292,9 +290,7 @@ class FlowPolicy(nn.Module):
                             deterministic, perturb, units_scale)
 
 
-# ---------------------------------------------------------------------------------------------
-# The noise-augmented rollout and its path log-density (REFERENCE section 2, paper App. A)
-# ---------------------------------------------------------------------------------------------
+# --- The noise-augmented rollout and its path log-density (REFERENCE section 2, paper App. A) ---
 
 
 def plain_drift(v, x, t, sigma):
@@ -380,9 +376,7 @@ def flow_rollout(step_fn, shape, key, steps: int, drift: str = "plain", step_noi
     return action, path_log_prob(xs, means, stds, units_scale), {"xs": xs, "log_std": jnp.mean(jnp.stack(log_stds))}
 
 
-# ---------------------------------------------------------------------------------------------
-# Critics: CrossQ's batch-renormalised MLPs, evaluated as one vmapped ensemble
-# ---------------------------------------------------------------------------------------------
+# --- Critics: CrossQ's batch-renormalised MLPs, evaluated as one vmapped ensemble ---
 
 
 class QNetwork(nn.Module):
@@ -420,9 +414,7 @@ class CriticEnsemble(nn.Module):
         return ensemble(self.args, self.train)(s, a)
 
 
-# ---------------------------------------------------------------------------------------------
-# Agent state and the jitted update
-# ---------------------------------------------------------------------------------------------
+# --- Agent state and the jitted update ---
 
 
 class NormedState(TrainState):
@@ -567,9 +559,7 @@ def make_update(args: Args, act_dim: int, sharding=None, units_scale=1.0):
     return jax.jit(update_seeds, out_shardings=sharding)
 
 
-# ---------------------------------------------------------------------------------------------
-# Acting, evaluation, saving, loading
-# ---------------------------------------------------------------------------------------------
+# --- Acting, evaluation, saving, loading ---
 
 
 def make_act(args: Args, act_dim: int, num_seeds: int):
@@ -598,9 +588,7 @@ def load_actor(args: Args, obs_dim: int, act_dim: int, raw: dict):
     return restore_tree(template, saved, args.checkpoint), make_act(args, act_dim, 1)[0]
 
 
-# ---------------------------------------------------------------------------------------------
-# Training loop
-# ---------------------------------------------------------------------------------------------
+# --- Training loop ---
 
 
 def train(args: Args, resume=None) -> dict:

@@ -194,9 +194,7 @@ def check_args(args: Args) -> None:
     check_env_id(args.env_id, ogbench=True)
 
 
-# ---------------------------------------------------------------------------------------------
-# Velocity networks: Flow-G (gated) and Flow-T (decoded), as in sac_flow_g.py / sac_flow_t.py
-# ---------------------------------------------------------------------------------------------
+# --- Velocity networks: Flow-G (gated) and Flow-T (decoded), as in sac_flow_g.py / sac_flow_t.py ---
 
 
 def sinusoidal_embedding(t, dim: int):
@@ -358,9 +356,7 @@ def make_velocity(args: Args, chunk_dim: int) -> nn.Module:
     return ChunkVelocity(args, chunk_dim)
 
 
-# ---------------------------------------------------------------------------------------------
-# The noise-augmented rollout and its path log-density (Eq. 13-15)
-# ---------------------------------------------------------------------------------------------
+# --- The noise-augmented rollout and its path log-density (Eq. 13-15) ---
 
 
 def plain_drift(v, x, t, sigma):
@@ -462,9 +458,7 @@ def make_sampler(args: Args, velocity_apply, chunk_dim: int):
     return sample
 
 
-# ---------------------------------------------------------------------------------------------
-# The chunk critic (QC-FQL's layout) and the agent
-# ---------------------------------------------------------------------------------------------
+# --- The chunk critic (QC-FQL's layout) and the agent ---
 
 
 class ChunkQNetwork(nn.Module):
@@ -510,9 +504,7 @@ def create_agent(args: Args, obs_dim: int, chunk_dim: int, key) -> Agent:
                  log_alpha=log_alpha, key=key)
 
 
-# ---------------------------------------------------------------------------------------------
-# Losses and update steps
-# ---------------------------------------------------------------------------------------------
+# --- Losses and update steps ---
 
 
 def flow_matching_loss(v_pred, x0, x1, valid):
@@ -626,9 +618,7 @@ def make_act(args: Args, velocity_apply, act_dim: int):
     return jax.jit(act)
 
 
-# ---------------------------------------------------------------------------------------------
-# Training: offline steps on the dataset, then online env steps acting in chunks
-# ---------------------------------------------------------------------------------------------
+# --- Training: offline steps on the dataset, then online env steps acting in chunks ---
 
 
 def prepare_data(args: Args) -> tuple[dict, Optional[str], float]:

@@ -165,18 +165,14 @@ def batch_renorm(args, train: bool, **kw) -> BatchRenorm:
     return BatchRenorm(train, args.bn_momentum, args.bn_eps, args.r_max, args.d_max, args.renorm_warmup, **kw)
 
 
-# ---------------------------------------------------------------------------------------------
-# Actor: Flow-T velocity v(s, x_k, t_k), the log-std head, the rollout as one module
-# ---------------------------------------------------------------------------------------------
+# --- Actor: Flow-T velocity v(s, x_k, t_k), the log-std head, the rollout as one module ---
 
 
 class MultiHeadAttention(nn.Module):
-    """Scaled dot-product attention of `query` tokens (B, L, d) over `memory` tokens (B, M, d).
-
-    `mask` (L, M), True where attending is allowed. Returns the output (B, L, d) and the
-    attention weights (B, heads, L, M), the latter for inspection. With one memory token (Flow-T's
-    attention, both kinds) every weight is exactly 1, so the output is out(value(memory)), to the same
-    bits without the query and key projections (created all the same, for the general parameter tree)."""
+    """Scaled dot-product attention of `query` (B, L, d) over `memory` (B, M, d), `mask` (L, M) True where allowed;
+    returns the output and the weights (B, heads, L, M). With one memory token (both of Flow-T's attentions) every
+    weight is exactly 1, so the output is out(value(memory)), to the same bits without the query and key projections
+    (created all the same, for the general parameter tree)."""
 
     d_model: int
     n_heads: int
@@ -201,12 +197,10 @@ class MultiHeadAttention(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """One decoder block (Eq. 8): self-attention under a diagonal mask (each token attends only to
-    itself, no mixing across rollout steps), cross-attention to the state, feed-forward (GELU).
-
-    With `norm` (a batch-renorm factory: the authors' actor) each sublayer is post-normalised,
-    x <- BRN(x + f(x)); without it each is pre-normalised with LayerNorm, x <- x + f(LN(x)), which
-    keeps the residual path an identity."""
+    """One decoder block (Eq. 8): self-attention under a diagonal mask (each token attends only to itself, no mixing
+    across rollout steps), cross-attention to the state, feed-forward (GELU). With `norm` (a batch-renorm factory: the
+    authors' actor) each sublayer is post-normalised, x <- BRN(x + f(x)); without it pre-normalised with LayerNorm,
+    x <- x + f(LN(x)), which keeps the residual path an identity."""
 
     d_model: int
     n_heads: int
@@ -229,14 +223,12 @@ class DecoderBlock(nn.Module):
 
 
 class DecodedVelocity(nn.Module):
-    """Flow-T (Eq. 7-9): token = W_x x_k + time_mlp(t_k), state token = enc(s); n_layers decoder
-    blocks refine the token; a linear head gives v. One token per rollout step: with the diagonal
-    mask its self-attention weight is exactly 1.
-
-    With `norm` (the authors' actor): the observation is batch-renormalised before the state
-    encoder, x_k by a layer of its own at each of the `flow_steps` steps, and the blocks are
-    post-normalised. Without it: the pre-norm LayerNorm blocks and a final LayerNorm. The state
-    token is computed once per rollout (`encode_state`); `__call__` returns v and the decoder output."""
+    """Flow-T (Eq. 7-9): token = W_x x_k + time_mlp(t_k), state token = enc(s); n_layers decoder blocks refine the
+    token; a linear head gives v. One token per rollout step: with the diagonal mask its self-attention weight is 1.
+    With `norm` (the authors' actor) the observation is batch-renormalised before the state encoder, x_k by a layer
+    of its own at each of the `flow_steps` steps, and the blocks are post-normalised; without it, pre-norm LayerNorm
+    blocks and a final LayerNorm. The state token is computed once per rollout (`encode_state`); `__call__` returns
+    v and the decoder output."""
 
     act_dim: int
     d_model: int
@@ -277,9 +269,8 @@ def squash_log_std(raw, log_std_min: float, log_std_max: float):
 
 
 class LogStdHead(nn.Module):
-    """log sigma = f(s, t_k), two ReLU layers, tanh-mapped to [log_std_min, log_std_max]: a noise level
-    that does not depend on x_k, as the marginal-preserving drift assumes (otherwise a divergence
-    term of sigma^2 is missing)."""
+    """log sigma = f(s, t_k), two ReLU layers, tanh-mapped to [log_std_min, log_std_max]: a noise level independent of
+    x_k, as the marginal-preserving drift assumes (otherwise a divergence term of sigma^2 is missing)."""
 
     act_dim: int
     hidden_dim: int
@@ -294,10 +285,10 @@ class LogStdHead(nn.Module):
 
 
 class FlowPolicy(nn.Module):
-    """pi(a|s): the K-step noise-augmented rollout over the velocity field, as one module, so that the
-    batch-renorm layers are shared by the K steps as in the authors' actor (their running statistics
-    move once per call). `train` uses batch statistics (the actor loss); otherwise running statistics
-    (acting, evaluation, the critic target). Returns flow_rollout's (action, log pi, path)."""
+    """pi(a|s): the K-step noise-augmented rollout over the velocity field, as one module, so that the batch-renorm
+    layers are shared by the K steps as in the authors' actor (their running statistics move once per call). `train`
+    uses batch statistics (the actor loss); otherwise running statistics (acting, evaluation, the critic target).
+    Returns flow_rollout's (action, log pi, path)."""
 
     args: "Args"
     act_dim: int
@@ -326,9 +317,7 @@ class FlowPolicy(nn.Module):
                             deterministic, perturb, units_scale)
 
 
-# ---------------------------------------------------------------------------------------------
-# The noise-augmented rollout and its path log-density (REFERENCE section 2, paper App. A)
-# ---------------------------------------------------------------------------------------------
+# --- The noise-augmented rollout and its path log-density (REFERENCE section 2, paper App. A) ---
 
 
 def plain_drift(v, x, t, sigma):
@@ -375,15 +364,13 @@ def path_log_prob(xs, means, stds, scale=1.0):
 
 def flow_rollout(step_fn, shape, key, steps: int, drift: str = "plain", step_noise: str = "sqrt-dt",
                  deterministic: bool = False, perturb=None, units_scale=1.0):
-    """Sample a = tanh(x_K) in [-1, 1] by the noise-augmented rollout (Eq. 13):
-    x_0 ~ N(0, I); x_{k+1} = x_k + dt b_k + std_k eps_k, t_k = k / K, std_k = step_std(sigma_k).
-
-    `step_fn(x, t, k)` returns (v, log sigma) at step k. Deterministic: x_0 = 0 and no step noise,
-    i.e. the Euler-integrated flow ODE (both drifts reduce to v at sigma = 0). `perturb` (K, ...,
-    act_dim), zeros, is added to each x_k so that its gradient is d loss / d x_k, the backward pass
-    of the rollout seen as an RNN. log pi is measured in units where the action's half-range is
-    `units_scale` (the env's, with --action-units env). Returns the action, log pi (None when
-    deterministic) and the path with the mean log sigma."""
+    """Sample a = tanh(x_K) in [-1, 1] by the noise-augmented rollout (Eq. 13): x_0 ~ N(0, I);
+    x_{k+1} = x_k + dt b_k + std_k eps_k, t_k = k / K, std_k = step_std(sigma_k). `step_fn(x, t, k)` returns
+    (v, log sigma) at step k. Deterministic: x_0 = 0 and no step noise, the Euler-integrated flow ODE (both drifts
+    reduce to v at sigma = 0). `perturb` (K, ..., act_dim), zeros, is added to each x_k so that its gradient is
+    d loss / d x_k, the backward pass of the rollout seen as an RNN. log pi is in units where the action's half-range
+    is `units_scale` (the env's, with --action-units env). Returns the action, log pi (None when deterministic) and
+    the path with the mean log sigma."""
     keys = jax.random.split(key, steps + 1)
     x = jnp.zeros(shape) if deterministic else jax.random.normal(keys[0], shape)
     dt = 1.0 / steps
@@ -414,9 +401,7 @@ def flow_rollout(step_fn, shape, key, steps: int, drift: str = "plain", step_noi
     return action, path_log_prob(xs, means, stds, units_scale), {"xs": xs, "log_std": jnp.mean(jnp.stack(log_stds))}
 
 
-# ---------------------------------------------------------------------------------------------
-# Critics: CrossQ's batch-renormalised MLPs, evaluated as one vmapped ensemble
-# ---------------------------------------------------------------------------------------------
+# --- Critics: CrossQ's batch-renormalised MLPs, evaluated as one vmapped ensemble ---
 
 
 class QNetwork(nn.Module):
@@ -454,9 +439,7 @@ class CriticEnsemble(nn.Module):
         return ensemble(self.args, self.train)(s, a)
 
 
-# ---------------------------------------------------------------------------------------------
-# Agent state and the jitted update
-# ---------------------------------------------------------------------------------------------
+# --- Agent state and the jitted update ---
 
 
 class NormedState(TrainState):
@@ -510,13 +493,11 @@ def polyak(online, target, tau: float):
 
 
 def make_update(args: Args, act_dim: int, sharding=None, units_scale=1.0):
-    """Build the jitted gradient step of every seed: sample a batch from the device buffer, update the critics;
-    every `policy_delay` critic updates also the actor and log alpha. One compiled call per env
-    step; the agent is not donated (see the end of this function). The buffer is only read here; the newest transition
-    goes in by its own donated call just before. Inserting inside this function made XLA copy the
-    whole buffer on every step (the batch gather fuses with the insert): 36 ms per step at 1e6
-    transitions on CPU, against 0.1 ms for the separate insert. `units_scale`: the env's action
-    half-range, for log pi in the env's units (--action-units env)."""
+    """Build the jitted gradient step of every seed: sample a batch from the device buffer, update the critics; every
+    `policy_delay` critic updates also the actor and log alpha. One compiled call per env step; the agent is not
+    donated (see the end). The buffer is only read here; the newest transition goes in by its own donated call just
+    before (inserting here made XLA copy the whole buffer every step: 36 ms at 1e6 transitions on CPU, against 0.1 ms).
+    `units_scale`: the env's action half-range, for log pi in the env's units (--action-units env)."""
     critic_train, critic_eval = CriticEnsemble(args, train=True), CriticEnsemble(args, train=False)
     policy_train, policy_eval = FlowPolicy(args, act_dim, train=True), FlowPolicy(args, act_dim, train=False)
     scale = units_scale if args.action_units == "env" else 1.0
@@ -601,9 +582,7 @@ def make_update(args: Args, act_dim: int, sharding=None, units_scale=1.0):
     return jax.jit(update_seeds, out_shardings=sharding)
 
 
-# ---------------------------------------------------------------------------------------------
-# Acting, evaluation, saving, loading
-# ---------------------------------------------------------------------------------------------
+# --- Acting, evaluation, saving, loading ---
 
 
 def make_act(args: Args, act_dim: int, num_seeds: int):
@@ -632,9 +611,7 @@ def load_actor(args: Args, obs_dim: int, act_dim: int, raw: dict):
     return restore_tree(template, saved, args.checkpoint), make_act(args, act_dim, 1)[0]
 
 
-# ---------------------------------------------------------------------------------------------
-# Training loop
-# ---------------------------------------------------------------------------------------------
+# --- Training loop ---
 
 
 def train(args: Args, resume=None) -> dict:
