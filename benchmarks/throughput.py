@@ -28,11 +28,13 @@ import glob
 import gzip
 import importlib
 import importlib.metadata
+import inspect
 import json
 import os
 import platform
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -160,33 +162,69 @@ def filled_buffer(args, obs_dim: int, act_dim: int, n: int):
     return buf
 
 
-def measure_update(module, env_id: str, steps: int, profile: bool) -> dict:
+def seed_stacked(args, module, obs_dim: int, act_dim: int, num_seeds: int):
+    """The agent and a filled buffer with a leading axis of `num_seeds` seeds, placed as a training run places
+    them (sharded along that axis), so the update compiles to the program train() runs."""
+    import jax
+    import jax.numpy as jnp
+
+    from common.seeds import seed_map, seed_sharding
+
+    sharding, _ = seed_sharding(num_seeds)
+    keys = jnp.stack([jax.random.PRNGKey(seed) for seed in range(num_seeds)])
+    make = seed_map(lambda k: module.create_agent(args, obs_dim, act_dim, k), num_seeds)
+    agent = jax.jit(make, out_shardings=sharding)(keys)
+    one = filled_buffer(args, obs_dim, act_dim, max(args.batch_size, 4096))
+    buf = jax.jit(lambda b: jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (num_seeds,) + x.shape), b),
+                  out_shardings=sharding)(one)
+    del one
+    return agent, buf, sharding
+
+
+def train_update_maker(module, env_id: str, sharding):
+    """make_update(args, act_dim) as the script's train() calls it: its sharding, and the env's action scale where
+    the script takes one (the SAC Flow scripts' units_scale), so that the update timed is the program trained with."""
+    from common.env import action_scale
+
+    if "units_scale" in inspect.signature(module.make_update).parameters:
+        return lambda args, act_dim: module.make_update(args, act_dim, sharding, action_scale(env_id))
+    return lambda args, act_dim: module.make_update(args, act_dim, sharding)
+
+
+def measure_update(module, env_id: str, steps: int, profile: bool, num_seeds: int = 1, overrides: dict | None = None,
+                   flops: bool = True, keep_trace: str | None = None) -> dict:
+    """The jitted update alone on a buffer of random transitions, for `num_seeds` seeds at once (each row's
+    rate is updates per second of every seed together, i.e. each seed's env steps per second were the
+    loop nothing but its update); `overrides` replace hyperparameters (e.g. smaller networks); `keep_trace`: see
+    profile_update."""
     import jax
 
     from common.env import make_env
 
-    args = module.Args(env_id=env_id)
+    args = module.Args(env_id=env_id, num_seeds=num_seeds, **(overrides or {}))
     env = make_env(env_id, 0)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     env.close()
-    # One seed: the scripts' arrays carry a leading seed axis (--num-seeds), here of size 1.
-    one_seed = lambda tree: jax.tree_util.tree_map(lambda x: x[None], tree)
-    agent = one_seed(module.create_agent(args, obs_dim, act_dim, jax.random.PRNGKey(0)))
-    buf = one_seed(filled_buffer(args, obs_dim, act_dim, max(args.batch_size, 4096)))
-    update = module.make_update(args, act_dim)
+    agent, buf, sharding = seed_stacked(args, module, obs_dim, act_dim, num_seeds)
+    make_update = train_update_maker(module, env_id, sharding)
+    update = make_update(args, act_dim)
 
     t = time.perf_counter()
     compiled = update.lower(agent, buf).compile()
     compile_s = time.perf_counter() - t
     xla_bytes = _xla_bytes(compiled)
-    # XLA's cost of a lax.cond is not the cost of the branch taken, so cost the update twice with the
-    # actor branch forced on and off; the actor runs on one of every `delay` updates.
     delay = _policy_delay(args)
-    with forced_cond(True):
-        with_actor = _flops(module.make_update(args, act_dim).lower(agent, buf).compile())
-    with forced_cond(False):
-        critics_only = _flops(module.make_update(args, act_dim).lower(agent, buf).compile())
-    per_env_step = critics_only + (with_actor - critics_only) / delay
+    row = {}
+    if flops:
+        # XLA's cost of a lax.cond is not the cost of the branch taken, so cost the update twice with the
+        # actor branch forced on and off; the actor runs on one of every `delay` updates.
+        with forced_cond(True):
+            with_actor = _flops(make_update(args, act_dim).lower(agent, buf).compile())
+        with forced_cond(False):
+            critics_only = _flops(make_update(args, act_dim).lower(agent, buf).compile())
+        per_env_step = critics_only + (with_actor - critics_only) / delay
+        row.update(gflop_critic_step=critics_only / 1e9, gflop_critic_and_actor_step=with_actor / 1e9,
+                   gflop_per_env_step=per_env_step / 1e9)
 
     for _ in range(2 * delay):  # warm up, actor branch included
         agent, info = update(agent, buf)
@@ -201,17 +239,20 @@ def measure_update(module, env_id: str, steps: int, profile: bool) -> dict:
         jax.block_until_ready((agent, info))
         rates.append(chunk / (time.perf_counter() - t))
     rate = float(np.median(rates))
-    row = {"compile_s": compile_s, "grad_steps_per_s": rate, "grad_steps_per_s_spread": [min(rates), max(rates)],
-           "gflop_critic_step": critics_only / 1e9, "gflop_critic_and_actor_step": with_actor / 1e9,
-           "gflop_per_env_step": per_env_step / 1e9, "update_gflops": rate * per_env_step / 1e9,
-           "batch_size": args.batch_size, "policy_delay": delay, "obs_dim": obs_dim, "act_dim": act_dim,
-           "xla_update_memory_mb": xla_bytes / 2**20}
+    row.update({"compile_s": compile_s, "grad_steps_per_s": rate, "grad_steps_per_s_spread": [min(rates), max(rates)],
+                "batch_size": args.batch_size, "policy_delay": delay, "obs_dim": obs_dim, "act_dim": act_dim,
+                "num_seeds": num_seeds, "xla_update_memory_mb": xla_bytes / 2**20})
+    if flops:
+        row["update_gflops"] = rate * num_seeds * row["gflop_per_env_step"]
     if profile:
-        row["profile"] = profile_update(update, agent, buf, 2 * delay)
+        try:
+            row["profile"] = profile_update(update, agent, buf, 2 * delay, keep_trace)
+        except Exception as e:  # a trace format not met before must not cost the rates measured above
+            row["profile"] = {"error": f"{type(e).__name__}: {e}"}
     return row
 
 
-MATMUL_KERNEL = re.compile(r"(^|[._])(dot|gemm|matmul|ynn|xnn|onednn|cublas|cutlass|convolution)", re.I)
+MATMUL_KERNEL = re.compile(r"(^|[._])(dot|gemm|matmul|ynn|xnn|onednn|cublas|cutlass|nvjet|xmma|convolution)", re.I)
 
 
 RUNTIME_EVENTS = ("$", "ThunkExecutor", "PjitFunction", "SlinkyThreadPool", "CommonPjRt")
@@ -220,19 +261,56 @@ RUNTIME_EVENTS = ("$", "ThunkExecutor", "PjitFunction", "SlinkyThreadPool", "Com
 def traced_kernels(trace_dir: str, skip: tuple = RUNTIME_EVENTS) -> collections.Counter:
     """{kernel name: microseconds} of the complete events of the jax.profiler trace under trace_dir ({} if
     none), leaving out Python frames and runtime bookkeeping (names starting with `skip` or holding '::')."""
-    files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+    return host_kernels(trace_events(trace_dir), skip)
+
+
+def host_kernels(events: list[dict], skip: tuple = RUNTIME_EVENTS) -> collections.Counter:
+    """traced_kernels of a trace already read."""
     per_kernel = collections.Counter()
-    if files:
-        with gzip.open(files[0]) as f:
-            for e in json.load(f)["traceEvents"]:
-                name = e.get("name", "")
-                if e.get("ph") == "X" and not name.startswith(skip) and "::" not in name:
-                    per_kernel[name] += e["dur"]
+    for e in events:
+        name = e.get("name", "")
+        if e.get("ph") == "X" and not name.startswith(skip) and "::" not in name:
+            per_kernel[name] += e["dur"]
     return per_kernel
 
 
-def profile_update(update, agent, buf, steps: int) -> dict:
-    """Share of the traced kernel time spent in matmul kernels (XLA CPU's ynn/dot, GPU gemms)."""
+def trace_events(trace_dir: str) -> list[dict]:
+    """The events of the jax.profiler trace under trace_dir ([] if none)."""
+    files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+    if not files:
+        return []
+    with gzip.open(files[0]) as f:
+        return json.load(f)["traceEvents"]
+
+
+def device_kernels(events: list[dict]) -> list[tuple[str, float, float]]:
+    """(name, start us, duration us) of what ran on a GPU: the complete events of the trace's /device:GPU
+    processes, from their stream threads where it names them (its other threads, such as "XLA Ops", repeat
+    the same time per operation). [] on a CPU, whose trace has no such process."""
+    meta = [e for e in events if e.get("ph") == "M"]
+    gpus = {e.get("pid") for e in meta if e.get("name") == "process_name" and "GPU" in e.get("args", {}).get("name", "")}
+    streams = {(e.get("pid"), e.get("tid")) for e in meta if e.get("name") == "thread_name" and e.get("pid") in gpus
+               and "Stream" in e.get("args", {}).get("name", "")}
+    on_gpu = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpus
+              and (not streams or (e.get("pid"), e.get("tid")) in streams)]
+    return [(e.get("name", ""), float(e["ts"]), float(e.get("dur", 0.0))) for e in on_gpu]
+
+
+def busy_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, duration) intervals: time the device did something."""
+    total, end = 0.0, float("-inf")
+    for start, dur in sorted(intervals):
+        if start + dur > end:
+            total += start + dur - max(start, end)
+            end = start + dur
+    return total
+
+
+def profile_update(update, agent, buf, steps: int, keep_trace: str | None = None) -> dict:
+    """Where an update's time goes, from a jax.profiler trace of `steps` calls: the share of kernel time in
+    matmul kernels (XLA CPU's ynn/dot, GPU gemms) and the largest kinds; on a GPU also its kernels' busy time,
+    the host-device copies in it and the kernel launches per update (the rest of a call's wall time is the
+    host's: dispatch and launch gaps)."""
     import jax
 
     with tempfile.TemporaryDirectory() as d:
@@ -241,25 +319,40 @@ def profile_update(update, agent, buf, steps: int) -> dict:
             agent, _ = update(agent, buf)
         jax.block_until_ready(agent)
         jax.profiler.stop_trace()
-        per_kernel = traced_kernels(d)
+        events = trace_events(d)
+        if keep_trace:
+            files = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)
+            if files:
+                shutil.copyfile(files[0], keep_trace)
+    gpu = device_kernels(events)
+    per_kernel = host_kernels(events) if not gpu else collections.Counter()
+    for name, _, dur in gpu:
+        per_kernel[name] += dur
     per_kind = collections.Counter()
     for name, us in per_kernel.items():
         per_kind["matmul" if MATMUL_KERNEL.search(name) else re.sub(r"[.\d]+$", "", name)] += us
     total = sum(per_kind.values())
     if not total:
         return {}
-    top = [(k, round(v / steps / 1e3, 2)) for k, v in per_kind.most_common(6)]
-    return {"kernel_ms_per_update": total / steps / 1e3, "matmul_share": per_kind["matmul"] / total, "top_kernels_ms": top}
+    top = [(k, round(v / steps / 1e3, 3)) for k, v in per_kind.most_common(8)]
+    out = {"kernel_ms_per_update": total / steps / 1e3, "matmul_share": per_kind["matmul"] / total, "top_kernels_ms": top}
+    if gpu:
+        copies = [(t, dur) for name, t, dur in gpu if "memcpy" in name.lower() or "memset" in name.lower()]
+        out.update(device="gpu", busy_ms_per_update=busy_us([(t, dur) for _, t, dur in gpu]) / steps / 1e3,
+                   copy_ms_per_update=busy_us(copies) / steps / 1e3, launches_per_update=len(gpu) / steps)
+    return out
 
 
-def measure_loop(module, env_id: str, steps: int, learning_starts: int) -> dict:
-    """The script's own train(), learning_starts + steps env steps; its SPS after learning starts."""
+def measure_loop(module, env_id: str, steps: int, learning_starts: int, num_seeds: int = 1,
+                 overrides: dict | None = None) -> dict:
+    """The script's own train(), learning_starts + steps env steps; each seed's SPS after learning starts."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    overrides = overrides or {}
     starts = learning_starts or module.Args().learning_starts
     log_every = max(25, steps // 4)
     args = module.Args(env_id=env_id, total_timesteps=starts + steps, learning_starts=starts, eval_episodes=0,
-                       log_every=log_every, progress=False)
+                       log_every=log_every, progress=False, num_seeds=num_seeds, checkpoint_every=0, **overrides)
     module.check_args(args)
     cwd = os.getcwd()
     with tempfile.TemporaryDirectory() as d:
@@ -269,14 +362,17 @@ def measure_loop(module, env_id: str, steps: int, learning_starts: int) -> dict:
                 t = time.perf_counter()
                 module.train(args)
                 wall = time.perf_counter() - t
-            acc = EventAccumulator(glob.glob(os.path.join(d, "runs", "*"))[0])
+            # the first seed's log folder (a --num-seeds run logs each seed to {run}__s{seed}, all the same SPS)
+            acc = EventAccumulator(os.path.dirname(sorted(glob.glob(os.path.join(d, "runs", "*", "events.out.tfevents.*")))[0]))
             acc.Reload()
             # rates from the events' own step and wall-time stamps (the logged SPS is rounded to an int)
             marks = [(e.step, e.wall_time) for e in acc.Scalars("charts/SPS_window") if e.step >= starts + log_every]
             window = [(s1 - s0) / (w1 - w0) for (s0, w0), (s1, w1) in zip(marks, marks[1:])]
         finally:
             os.chdir(cwd)
-    flags = f"--env-id {env_id} --total-timesteps {starts + steps} --learning-starts {starts} --eval-episodes 0 --log-every {log_every}"
+    flags = (f"--env-id {env_id} --total-timesteps {starts + steps} --learning-starts {starts} --eval-episodes 0 "
+             f"--log-every {log_every}" + (f" --num-seeds {num_seeds}" if num_seeds > 1 else "")
+             + "".join(f" --{k.replace('_', '-')} {v}" for k, v in overrides.items()))
     return {"loop_env_steps_per_s": float(np.median(window)) if window else float("nan"),
             "loop_command": f"python {module.__name__}.py {flags}", "loop_wall_s": wall, "loop_learning_starts": starts}
 
