@@ -127,6 +127,8 @@ def test_kit_and_collect_refuse_bad_input_in_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "cannot write to --out" in r.stderr, r.stderr
     r = run([KIT, "--smoke", "--out", str(tmp_path / "o"), "--phases", "3"], tmp_path)
     assert r.returncode == 2 and "--phases among 0 1 2 (got [3])" in r.stderr, r.stderr
+    r = run([KIT, "--smoke", "--out", str(tmp_path / "o"), "--tasks", "Hoper-v4"], tmp_path)
+    assert r.returncode == 2 and "--tasks: " in r.stderr and "Hoper-v4" in r.stderr.splitlines()[-1], r.stderr
     r = run([KIT, "--out", str(tmp_path / "o"), "--phases", "0"], tmp_path)  # the full kit on a machine with no GPU
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: JAX sees no GPU here"), r.stderr
     r = run([COLLECT, str(tmp_path)], tmp_path)

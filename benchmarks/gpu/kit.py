@@ -227,8 +227,11 @@ def env_step_ms(env_id: str, num_seeds: int, steps: int) -> float:
     return float(np.median(times) * 1e3)
 
 
-def phase1_worker(spec: str, rows_path: str, trace_dir: str, smoke: bool) -> None:
-    """In a fresh process: one script on one task, each seed count in turn; a row appended to rows_path per count."""
+def phase1_worker(spec: str, rows_path: str, trace_dir: str, smoke: bool, profile: bool) -> None:
+    """In a fresh process: one script on one task, each seed count in turn; a row appended to rows_path per count.
+    With `profile`, only a jax.profiler trace of the update (its row holds the profile alone): the profiler runs
+    in processes of its own, after every speed row is safe, so that a profiler that fails on some machine
+    cannot take those rows with it."""
     import throughput
     from common.run import keep_freed_memory
 
@@ -241,14 +244,19 @@ def phase1_worker(spec: str, rows_path: str, trace_dir: str, smoke: bool) -> Non
         overrides["buffer_size"] = mode["p1_buffer"]
     for num_seeds in mode["p1_seeds"]:
         row = {"script": name, "env_id": env_id, "num_seeds": num_seeds}
-        trace = os.path.join(trace_dir, f"{name}_{env_id}_{num_seeds}.trace.json.gz")
-        row.update(throughput.measure_update(module, env_id, mode["p1_update_steps"], True, num_seeds, overrides,
-                                             flops=False, keep_trace=trace))
-        gc.collect()  # the update's buffer goes before the loop makes its own
-        row.update(throughput.measure_loop(module, env_id, mode["p1_loop_steps"], mode["p1_starts"], num_seeds, overrides))
-        gc.collect()
-        row["env_step_ms"] = env_step_ms(env_id, num_seeds, 100 if smoke else 300)
-        row["peak_device_mb"] = throughput.device_peak_mb()  # the process's peak so far: this count's, as counts rise
+        if profile:
+            trace = os.path.join(trace_dir, f"{name}_{env_id}_{num_seeds}.trace.json.gz")
+            measured = throughput.measure_update(module, env_id, 1, True, num_seeds, overrides, flops=False, keep_trace=trace)
+            row["profile"] = measured["profile"]
+        else:
+            row.update(throughput.measure_update(module, env_id, mode["p1_update_steps"], False, num_seeds, overrides,
+                                                 flops=False))
+            gc.collect()  # the update's buffer goes before the loop makes its own
+            row.update(throughput.measure_loop(module, env_id, mode["p1_loop_steps"], mode["p1_starts"], num_seeds,
+                                               overrides))
+            gc.collect()
+            row["env_step_ms"] = env_step_ms(env_id, num_seeds, 100 if smoke else 300)
+            row["peak_device_mb"] = throughput.device_peak_mb()  # the process's peak so far: this count's, as counts rise
         with open(rows_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -305,43 +313,57 @@ def phase1_table(info: dict, rows: list[dict], smoke: bool) -> str:
 
 
 def phase1(args, mode: dict, work: str, info: dict, deadline: float) -> list[dict]:
-    rows_path, trace_dir = os.path.join(work, "phase1_rows.jsonl"), os.path.join(work, "traces")
+    rows_path, profiles_path = os.path.join(work, "phase1_rows.jsonl"), os.path.join(work, "phase1_profiles.jsonl")
+    trace_dir = os.path.join(work, "traces")
     os.makedirs(trace_dir)
-    scripts = ["sac_flow_t"] if args.smoke else SCRIPTS  # --smoke: the same code path once, within its minute
-    tasks = ["Hopper-v4"] if args.smoke else TASKS
     problems = []
-    for env_id in tasks:
-        for name in scripts:
-            left = deadline - time.time()
-            if left < 20:
-                problems.append(f"{name} {env_id}: not run, the phase's time was spent")
-                continue
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{name}:{env_id}", "--rows", rows_path,
-                   "--traces", trace_dir, *(["--smoke"] if args.smoke else [])]
-            t0 = time.time()
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left, env=child_env())
-                if proc.returncode != 0:
-                    problems.append(f"{name} {env_id}: exit {proc.returncode}: {proc.stderr.strip()[-800:]}")
-            except subprocess.TimeoutExpired:
-                problems.append(f"{name} {env_id}: stopped after {left:.0f} s, the phase's time")
-            rows = read_rows(rows_path)
-            done = [r for r in rows if r["script"] == name and r["env_id"] == env_id]
-            for r in done:
+
+    def worker(name: str, env_id: str, profile: bool) -> None:
+        left = deadline - time.time()
+        what = f"{name} {env_id}{' (profile)' if profile else ''}"
+        if left < 20:
+            problems.append(f"{what}: not run, the phase's time was spent")
+            return
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{name}:{env_id}",
+               "--rows", profiles_path if profile else rows_path, "--traces", trace_dir,
+               *(["--smoke"] if args.smoke else []), *(["--profile"] if profile else [])]
+        t0 = time.time()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left, env=child_env())
+            if proc.returncode != 0:
+                problems.append(f"{what}: exit {proc.returncode}: {proc.stderr.strip()[-800:]}")
+        except subprocess.TimeoutExpired:
+            problems.append(f"{what}: stopped after {left:.0f} s, the phase's time")
+        rows = merged(read_rows(rows_path), read_rows(profiles_path))
+        for r in rows:
+            if r["script"] == name and r["env_id"] == env_id and not profile:
                 print(f"  {name} {env_id} x{r['num_seeds']}: update {r['grad_steps_per_s']:.0f}/s, loop "
                       f"{fmt(r.get('loop_env_steps_per_s'), '.0f')} env steps/s per seed, peak device "
                       f"{fmt(r.get('peak_device_mb'), '.0f')} MiB", flush=True)
-            print(f"  ({name} {env_id}: {time.time() - t0:.0f} s)", flush=True)
-            write_json(os.path.join(args.out, "phase1.json"), {"machine": info, "smoke": args.smoke, "rows": rows,
-                                                               "problems": problems})
-            with open(os.path.join(args.out, "phase1.md"), "w") as f:
-                f.write(phase1_table(info, rows, args.smoke) + "".join(f"\nProblem: {p}\n" for p in problems))
+        print(f"  ({what}: {time.time() - t0:.0f} s)", flush=True)
+        write_json(os.path.join(args.out, "phase1.json"), {"machine": info, "smoke": args.smoke, "rows": rows,
+                                                           "problems": problems})
+        with open(os.path.join(args.out, "phase1.md"), "w") as f:
+            f.write(phase1_table(info, rows, args.smoke) + "".join(f"\nProblem: {p}\n" for p in problems))
+
+    for env_id in args.tasks:
+        for name in args.scripts:
+            worker(name, env_id, profile=False)
+    for name in args.scripts:  # the profile of the first task's updates, from the compilation cache
+        if any(r["script"] == name and r["env_id"] == args.tasks[0] for r in read_rows(rows_path)):
+            worker(name, args.tasks[0], profile=True)
     with tarfile.open(os.path.join(args.out, "phase1_traces.tar.gz"), "w:gz") as tar:
         for path in sorted(glob.glob(os.path.join(trace_dir, "*"))):
             tar.add(path, arcname=os.path.basename(path))
     for p in problems:
         print(f"  problem: {p}", flush=True)
     return read_rows(rows_path)
+
+
+def merged(rows: list[dict], profiles: list[dict]) -> list[dict]:
+    """The speed rows with the profile of the same script, task and seed count added to each."""
+    by_key = {(p["script"], p["env_id"], p["num_seeds"]): p["profile"] for p in profiles}
+    return [{**r, "profile": by_key.get((r["script"], r["env_id"], r["num_seeds"]), {})} for r in rows]
 
 
 def read_rows(path: str) -> list[dict]:
@@ -434,21 +456,35 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny networks on the CPU, in under a minute: the kit's own test")
     parser.add_argument("--budget-s", type=float, help="seconds the whole command may take (default: 460; --smoke 120)")
     parser.add_argument("--phases", type=int, nargs="+", default=[0, 1, 2], help="which phases to run (0 1 2)")
+    parser.add_argument("--scripts", nargs="+", choices=SCRIPTS, help=f"phase 1's scripts (default: {' '.join(SCRIPTS)}; "
+                        "--smoke: sac_flow_t)")
+    parser.add_argument("--tasks", nargs="+", help=f"phase 1's tasks (default: {' '.join(TASKS)}; --smoke: Hopper-v4)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rows", help=argparse.SUPPRESS)
     parser.add_argument("--traces", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.smoke:  # before JAX starts: the smoke run is the CPU's
         os.environ["JAX_PLATFORMS"] = "cpu"
     if args.worker:
-        phase1_worker(args.worker, args.rows, args.traces, args.smoke)
+        phase1_worker(args.worker, args.rows, args.traces, args.smoke, args.profile)
         return 0
+    # --smoke: phase 1's code path once, within its minute
+    args.scripts = args.scripts or (["sac_flow_t"] if args.smoke else SCRIPTS)
+    args.tasks = args.tasks or (["Hopper-v4"] if args.smoke else TASKS)
     mode = MODES["smoke" if args.smoke else "full"]
     budget = args.budget_s if args.budget_s is not None else mode["budget_s"]
     if not args.out:
         parser.error("--out is required: the folder for the results")
     if budget <= 0 or not set(args.phases) <= {0, 1, 2}:
         parser.error(f"--budget-s must be positive (got {budget}) and --phases among 0 1 2 (got {args.phases})")
+    from common.env import ConfigError, check_env_id
+
+    for env_id in args.tasks:
+        try:
+            check_env_id(env_id)
+        except ConfigError as e:
+            parser.error(f"--tasks: {e}")
     try:
         os.makedirs(args.out, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=args.out):
