@@ -24,6 +24,9 @@ import tarfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
+sys.path.insert(0, HERE)
+
+import kit  # noqa: E402  (the phase 1 table, drawn as the kit draws it)
 
 
 def name_of(info: dict) -> str:
@@ -52,7 +55,8 @@ def phase0_lines(p0: dict) -> list[str]:
 
 def phase2_lines(p2: dict) -> list[str]:
     lines = [f"## Phase 2: learning on {p2['env_id']}, {p2['num_seeds']} seeds in one process per script", "",
-             "| script | command | seeds | env steps reached | last evaluation (mean over seeds) | exit |", "|---|---|---|---|---|---|"]
+             "| script | command | seeds | env steps reached | last evaluation (mean over seeds) | exit |",
+             "|---|---|---|---|---|---|"]
     for script, run in p2["runs"].items():
         seeds = run["seeds"].values()
         last = [s["eval"][-1][1] for s in seeds if s["eval"]]
@@ -71,6 +75,12 @@ def main(argv=None) -> int:
     if p0 is None and p1 is None and p2 is None:
         raise SystemExit(f"error: no phase0.json, phase1.json or phase2.json in {args.folder!r}: is it the kit's --out?")
     info = next(p["machine"] for p in (p0, p1, p2) if p is not None)
+    if info["commit"] == "unknown":  # the device tool sends no .git: the checkout this runs in is the one that ran
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True)
+        if head.returncode == 0:
+            changes = " with uncommitted changes" if dirty.stdout.strip() else ""
+            info["commit"] = f"{head.stdout.strip()}{changes} (where collect.py ran: the device gets no .git)"
     name = name_of(info)
     os.makedirs(args.out, exist_ok=True)
     lines = [f"# The GPU kit on {info['device']}", "",
@@ -80,10 +90,9 @@ def main(argv=None) -> int:
              "Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()), ""]
     if p0:
         lines += phase0_lines(p0) + [""]
-    md1 = os.path.join(args.folder, "phase1.md")
-    if os.path.exists(md1):
-        with open(md1) as f:
-            lines += ["## Phase 1: speed at the authors' sizes", "", f.read().strip(), ""]
+    if p1:
+        table = kit.phase1_table(info, p1["rows"], p1["smoke"])
+        lines += ["## Phase 1: speed at the authors' sizes", "", table.strip(), *[f"\nProblem: {p}" for p in p1["problems"]], ""]
     if p2:
         lines += phase2_lines(p2) + ["", f"Curves: {name}/ (benchmarks/plot.py), scores across tasks: {name}/aggregate.md "
                                          "(benchmarks/aggregate.py)."]
@@ -102,6 +111,12 @@ def main(argv=None) -> int:
             for m in members:
                 m.name = m.name[len("runs/"):]
             t.extractall(runs, members=members, filter="data")
+        machine_line = os.path.join(runs, "MACHINE")
+        if os.path.exists(machine_line):  # the commit filled in above
+            with open(machine_line) as f:
+                line = f.read().replace("commit unknown", f"commit {info['commit']}")
+            with open(machine_line, "w") as f:
+                f.write(line)
         for tool, extra in (("plot.py", []), ("aggregate.py", ["--metric", "train"])):
             proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", tool), "--runs", runs, "--out", figures, *extra],
                                   capture_output=True, text=True)

@@ -91,8 +91,8 @@ def write_json(path: str, data) -> None:
 
 
 def child_env(**extra) -> dict:
-    """The environment of the kit's processes: warnings off, and several processes able to share one GPU
-    (JAX otherwise takes three quarters of its memory in the first process)."""
+    """The environment of the kit's processes: warnings off, output unbuffered, and `extra`: where several share
+    one GPU, XLA_PYTHON_CLIENT_PREALLOCATE=false (JAX otherwise takes three quarters of its memory in the first)."""
     return dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1", **extra)
 
 
@@ -113,12 +113,14 @@ def machine() -> dict:
     if shutil.which("nvidia-smi"):
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm",
                               "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    # the device tool sends the working tree without .git: collect.py then stamps the commit it runs at
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True) \
+        if shutil.which("git") else None
     return {"platform": devices[0].platform, "device": getattr(devices[0], "device_kind", devices[0].platform),
             "device_count": len(devices), "devices": [str(d) for d in devices], "nvidia_smi": smi,
             "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
-            "versions": versions, "commit": commit.stdout.strip() if commit.returncode == 0 else "unknown",
+            "versions": versions, "commit": commit.stdout.strip() if commit and commit.returncode == 0 else "unknown",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 

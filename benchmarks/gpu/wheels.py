@@ -74,7 +74,8 @@ def main(argv=None) -> int:
     present = {(norm(w.split("-")[0]), w.split("-")[1]) for w in have}  # a wheel's name is {dist}-{version}-{tags}.whl
     missing = [f"{n}=={v}" for n, v in wanted.items() if (norm(n), v) not in present]
     tree, wheels = working_tree_mib(), wheels_mib(args.dir)
-    print(f"{len(have)} wheels in {'.whl' if args.dir == WHEELS else args.dir}/: {wheels:.1f} MiB; the working tree: {tree:.1f} MiB; together {tree + wheels:.1f} MiB "
+    shown = ".whl" if args.dir == WHEELS else args.dir
+    print(f"{len(have)} wheels in {shown}/: {wheels:.1f} MiB; the working tree: {tree:.1f} MiB; together {tree + wheels:.1f} MiB "
           f"of the {LIMIT_MIB} MiB the device tool carries")
     if missing:
         print(f"missing: {', '.join(missing)}")
