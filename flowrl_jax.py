@@ -7,7 +7,7 @@ buffer (Eq. 12-14), pulls it toward buffer actions that Q^beta* rates above the 
 Q^beta* and V are learned IQL-style by expectile regression (Eq. 18-19).
 
 Defaults reproduce the authors' code (bytedance/FlowRL); where it differs from the paper a flag
-gives the paper's version (see README.md).
+gives the paper's version (docs/flowrl.md).
 
     paper    what                                                     here
     Eq. 8-9  a0 ~ clamp(N(0, I)), integrated through v(s, a_t, t),    VelocityField, sample_a0,

@@ -1,7 +1,7 @@
 """Generate a small demonstration dataset for sac_flow_o2o.py --dataset, in OGBench's .npz or Robomimic's .hdf5 layout.
 
 The official datasets (OGBench's cube-double-play-v0 and the like, Robomimic's MH low-dim files) are
-downloaded by their own tools (see the README); this script makes small ones wherever no download
+downloaded by their own tools (docs/sac_flow_o2o.md); this script makes small ones wherever no download
 is possible, by rolling out a scripted policy in the env:
 - OGBench cube envs (`cube-double-singletask-task2-v0`, or any cube-*): OGBench's own Markov cube
   oracle with Gaussian action noise, in the env's data-collection mode, where it keeps picking a new
