@@ -346,8 +346,8 @@ def make_update(args: Args, act_dim: int, sharding=None):
         return seed_map(update, args.num_seeds, in_axes=(0, 0, None))(agent, buf, do_actor)
 
     # The agent is not donated: with its buffers aliased to the outputs, XLA copies the weights and Adam moments
-    # before the update (the fused Adam step reads the old moments it overwrites); fresh outputs made the update 1.15x
-    # faster on CPU (Hopper-v4), bit-identical (benchmarks/results/donation_cpu.md).
+    # before the update (the fused Adam step reads the old moments it overwrites); fresh outputs are faster and
+    # bit-identical (docs/performance.md).
     # The outputs keep the inputs' seed sharding, so the next call finds the same signature (one compile).
     return jax.jit(update_seeds, out_shardings=sharding)
 

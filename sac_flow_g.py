@@ -553,8 +553,8 @@ def make_update(args: Args, act_dim: int, sharding=None, units_scale=1.0):
         do_actor = (agent.updates[0] + 1) % args.policy_delay == 0
         return seed_map(update, args.num_seeds, in_axes=(0, 0, None))(agent, buf, do_actor)
 
-    # Not donated: aliased to the outputs, XLA copied every critic weight and both Adam moments first (26 MiB per call);
-    # fresh outputs are 1.08x faster on CPU (Hopper-v4), bit-identical (benchmarks/results/donation_cpu.md).
+    # Not donated: aliased to the outputs, XLA copied every critic weight and both Adam moments first; fresh
+    # outputs are faster and bit-identical (docs/performance.md).
     # The outputs keep the inputs' seed sharding, so the next call finds the same signature (one compile).
     return jax.jit(update_seeds, out_shardings=sharding)
 

@@ -55,10 +55,10 @@ def keep_freed_memory() -> bool:
 
     XLA:CPU allocates every call's temporaries and outputs afresh. glibc serves an allocation above its
     mmap threshold (at most 32 MiB) with new pages and gives them back on free, so each update paid
-    for faulting its largest buffers in again: 13,000 to 18,000 page faults (50-70 MiB) per SAC Flow actor
-    update on Hopper-v4. Served from the heap and kept there (mmap off, no trimming below 2 GiB), they
+    for faulting its largest buffers in again (thousands of page faults per SAC Flow actor update).
+    Served from the heap and kept there (mmap off, no trimming below 2 GiB), they
     come back already mapped. Only where the memory is placed changes, not what is computed
-    (benchmarks/results/keep_freed_memory_cpu.md). Returns whether the settings took (Linux with glibc)."""
+    (docs/performance.md). Returns whether the settings took (Linux with glibc)."""
     if not sys.platform.startswith("linux"):
         return False
     try:
