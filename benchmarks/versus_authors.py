@@ -3,6 +3,12 @@
     git clone https://github.com/Elessar123/SAC-FLOW /path/to/SAC-FLOW      # their code, left untouched
     python benchmarks/versus_authors.py --authors /path/to/SAC-FLOW
     python benchmarks/versus_authors.py --authors /path/to/SAC-FLOW --env-ids Hopper-v4 --repeats 1 --short 1100 --long 1200
+    python benchmarks/versus_authors.py --pool-only            # the pooled table again from the runs gathered so far
+
+Every run is added to benchmarks/results/versus_authors.json (its rows, tagged with the machine, the commit and
+the date), and versus_authors.md gives every timed run's repeats pooled per task and script (median, quartiles,
+range and how many reach --target: one run's two or three repeats move as much as a shared machine drifts
+within the hour), then the latest run's table.
 
 The figure is the marginal env steps/s after learning starts: each script runs --short and --long total
 steps with --learning-starts random steps first (evaluation, checkpoints, tracking and model saving off),
@@ -46,6 +52,8 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -208,8 +216,13 @@ class Args:
     """per-step calls at the start of each run left out of the within-run rate (compilation, first calls)"""
     seed: int = 1
     """seed of every run"""
-    out: str = os.path.join(ROOT, "benchmarks", "results", "versus_authors_cpu")
-    """writes {out}.md and {out}.json"""
+    out: str = os.path.join(ROOT, "benchmarks", "results", "versus_authors")
+    """{out}.json gathers every run (this one is added to it, tagged with the machine, the commit and the date);
+    {out}.md: every timed run's repeats pooled per row, then this run's table"""
+    target: float = 1.25
+    """the ours / authors' ratio the pooled repeats are counted against"""
+    pool_only: bool = False
+    """measure nothing: pool the runs already in {out}.json and rewrite {out}.md"""
     timing: bool = True
     """time the runs (--no-timing with --flops: only the FLOPs, which a busy machine does not change)"""
     flops: bool = True
@@ -380,6 +393,16 @@ def table(rows: list[dict], args: Args, machine: str) -> list[str]:
 
 
 def check(args: Args) -> None:
+    if not args.target > 0:
+        raise SystemExit(f"error: --target must be positive, got {args.target}")
+    try:  # before an hour of measuring: the file the run will join must be a file of runs
+        previous = read_runs(args.out + ".json")
+    except ValueError as e:
+        raise SystemExit(f"error: --out: {e}") from None
+    if args.pool_only:
+        if not pooled_runs(previous):
+            raise SystemExit(f"error: --pool-only: {args.out}.json holds no timed run")
+        return
     if not args.authors:
         raise SystemExit("error: --authors is required: a checkout of https://github.com/Elessar123/SAC-FLOW")
     for script in args.scripts:
@@ -426,14 +449,101 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
 MACHINE = f"{platform.machine()}, {os.cpu_count()} CPUs ({cpu_model() or platform.processor() or 'cpu'}), no GPU"
 
 
-def write_results(args, rows: list[dict], lines: list[str]) -> None:
-    """{args.out}.md (the table's lines) and {args.out}.json (the machine, the arguments, the rows); prints the table."""
+def commit() -> str:
+    """The commit measured, "+ changes" when the working tree differs from it ("" outside a git checkout)."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode != 0:
+        return ""
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True)
+    return head.stdout.strip() + (" + changes" if dirty.stdout.strip() else "")
+
+
+def read_runs(path: str) -> list[dict]:
+    """The runs gathered in `path` ([] when it does not exist yet); ValueError naming it when it is not such a file."""
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path) as f:
+            runs = json.load(f)["runs"]
+        for run in runs:
+            str(run["machine"])
+            for r in run["rows"]:
+                str(r["env_id"]), [float(x) for x in r.get("ratio", []) + r.get("ratio_within", [])]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path} is not a file of runs of this benchmark ({type(e).__name__}: {e})") from None
+    return runs
+
+
+def pooled_runs(runs: list[dict]) -> list[dict]:
+    """The runs with timings (a FLOPs-only run has no ratios)."""
+    return [run for run in runs if any(r.get("ratio") for r in run["rows"])]
+
+
+def pool(runs: list[dict], target: float) -> list[dict]:
+    """Per (task, script), in order of first appearance: each kind of ratio's repeats pooled over the runs. One run
+    gives two or three repeats per row, and a shared machine's speed moves by about as much within the hour as a
+    row clears the target by; each repeat is one interleaved comparison of the same code, so all are pooled."""
+    pooled = {}
+    for run in pooled_runs(runs):
+        for row in run["rows"]:
+            if not row.get("ratio"):
+                continue
+            entry = pooled.setdefault((row["env_id"], row["script"]), {"ratio": [], "ratio_within": [], "runs": 0})
+            entry["runs"] += 1
+            for kind in ("ratio", "ratio_within"):
+                entry[kind] += row.get(kind) or []
+    out = []
+    for (env_id, script), entry in pooled.items():
+        row = {"env_id": env_id, "script": script, "runs": entry["runs"]}
+        for kind in ("ratio", "ratio_within"):
+            values = np.array(entry[kind], dtype=float)
+            row[kind] = None if values.size == 0 else {
+                "n": int(values.size), "median": float(np.median(values)),
+                "q1": float(np.percentile(values, 25)), "q3": float(np.percentile(values, 75)),
+                "min": float(values.min()), "max": float(values.max()), "at_target": int(np.sum(values >= target))}
+        out.append(row)
+    return out
+
+
+def pooled_table(runs: list[dict], target: float) -> list[str]:
+    cell = lambda st: "-" if st is None else (f"{st['median']:.2f} ({st['q1']:.2f} to {st['q3']:.2f}; {st['min']:.2f} to "
+                                              f"{st['max']:.2f}), {st['at_target']} of {st['n']}")
+    timed = pooled_runs(runs)
+    return [f"Ours / authors' env steps/s, every repeat of the {len(timed)} timed runs pooled per row: median (quartiles; min to max), and how many repeats reach {target}. Marginal: the difference of a "
+            "short and a long run; within: between the per-step update calls of each run (the runs that time it).", "",
+            "| task | script | runs | ours / authors', marginal | ours / authors', within |", "|---|---|---|---|---|",
+            *[f"| {r['env_id']} | {r['script']} | {r['runs']} | {cell(r['ratio'])} | {cell(r['ratio_within'])} |"
+              for r in pool(runs, target)],
+            "", *run_list(runs)]
+
+
+def run_list(runs: list[dict]) -> list[str]:
+    timed = lambda run: any("ours" in r for r in run["rows"])
+    return ["The runs (machine; commit measured, or the commit that added the result where it was not recorded):", "",
+            *[f"- {run.get('name') or run.get('date', '')}: {run['machine'] or 'machine not recorded'}; "
+              f"{run.get('commit') or 'added in ' + run.get('committed_in', '?')}" + ("" if timed(run) else " (FLOPs only)")
+              for run in runs]]
+
+
+def write_results(args, rows: list[dict], lines: list[str], title: str = "Ours against the authors' SAC Flow scripts") -> None:
+    """Add this run (its rows and its table, `lines`) to {args.out}.json and write {args.out}.md: where runs have
+    ours / authors' ratios per script, their repeats pooled and the latest run's table; otherwise every run's table."""
+    runs = read_runs(args.out + ".json")
+    if rows:
+        runs.append({"name": f"{time.strftime('%Y-%m-%d %H:%M')}", "machine": MACHINE, "commit": commit(),
+                     "date": time.strftime("%Y-%m-%d"), "args": vars(args), "rows": rows, "table": lines})
+    if pooled_runs(runs):
+        text = pooled_table(runs, args.target) + ["", "## The latest run", "", *runs[-1].get("table", [])]
+    else:
+        text = run_list(runs) + [line for run in runs for line in ["", f"## {run.get('name') or run['date']}", "",
+                                                                   *run.get("table", [])]]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".json.tmp", "w") as f:
+        json.dump({"runs": runs}, f, indent=1)
+    os.replace(args.out + ".json.tmp", args.out + ".json")
     with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(args.out + ".json", "w") as f:
-        json.dump({"machine": MACHINE, "args": vars(args), "rows": rows}, f, indent=1)
-    print("\n".join(lines))
+        f.write("\n".join([f"# {title}", "", *text]) + "\n")
+    print("\n".join(text))
 
 
 def main(argv=None) -> int:
@@ -441,6 +551,9 @@ def main(argv=None) -> int:
 
     args = tyro.cli(Args, args=argv)
     check(args)
+    if args.pool_only:
+        write_results(args, [], [])
+        return 0
     rows = []
     with tempfile.TemporaryDirectory() as work:
         env = write_stand_ins(os.path.join(work, "stand_ins"))

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 
 import versus_authors
-from versus_authors import MACHINE, command_flags, write_results
+from versus_authors import MACHINE, command_flags, read_runs, write_results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIDES = ("ours", "theirs", "theirs_bf16")
@@ -165,8 +165,9 @@ class Args:
     """also time theirs with its bf16 autocast on (--no-bf16: float32 only)"""
     their_threads: int = 1
     """OMP_NUM_THREADS of theirs: 1, as their main.py sets it; 0 leaves torch's default (every core)"""
-    out: str = os.path.join(ROOT, "benchmarks", "results", "versus_flowrl_cpu")
-    """writes {out}.md and {out}.json"""
+    out: str = os.path.join(ROOT, "benchmarks", "results", "versus_flowrl")
+    """{out}.json gathers every run (this one is added to it, tagged with the machine, the commit and the date);
+    {out}.md: every run's table"""
 
 
 def command(side: str, args: Args, env_id: str, steps: int, runner: str) -> list[str]:
@@ -240,6 +241,10 @@ def check(args: Args) -> None:
         raise SystemExit(f"error: --repeats must be at least 1, got {args.repeats}")
     if args.their_threads < 0:
         raise SystemExit(f"error: --their-threads must be 0 (torch's default) or a thread count, got {args.their_threads}")
+    try:  # before the runs: the file this one will join must be a file of runs
+        read_runs(args.out + ".json")
+    except ValueError as e:
+        raise SystemExit(f"error: --out: {e}") from None
     probe = subprocess.run([args.torch_python, "-c", "import torch, gymnasium, mujoco, tensorboard, imageio"], capture_output=True,
                            text=True) if os.path.isfile(args.torch_python) else None
     if probe is None or probe.returncode != 0:
@@ -262,7 +267,7 @@ def main(argv=None) -> int:
             print(f"{env_id}: " + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in row.items() if k != "env_id"),
                   flush=True)
             rows.append(row)
-    write_results(args, rows, table(rows, args, MACHINE))
+    write_results(args, rows, table(rows, args, MACHINE), "Ours against the authors' FlowRL")
     return 0
 
 

@@ -449,42 +449,46 @@ def test_versus_authors_stamps_each_top_level_per_step_call_from_outside(tmp_pat
     assert np.isnan(within([[0.0, 1.0]], skip=1))
 
 
-def test_pool_versus_authors_pools_every_repeat_and_counts_the_target(tmp_path, capsys):
+def test_versus_authors_gathers_every_run_and_pools_the_repeats(tmp_path, capsys, monkeypatch):
     import json
 
-    import pool_versus_authors as pool
+    import versus_authors
 
     row = lambda env, script, ratio, within=None: {"env_id": env, "script": script, "ours": [1.0] * len(ratio),
                                                     "theirs": [1.0] * len(ratio), "ratio": ratio,
                                                     **({"ratio_within": within} if within else {})}
-    (tmp_path / "a.json").write_text(json.dumps({"machine": "m1", "rows": [row("Hopper-v4", "sac_flow_g", [1.0, 1.5, 1.3]),
-                                                                         row("Humanoid-v4", "sac_flow_t", [2.0])]}))
-    (tmp_path / "b.json").write_text(json.dumps({"machine": "m2", "rows": [row("Hopper-v4", "sac_flow_g", [1.2], [1.25, 1.4])]}))
-    (tmp_path / "flops.json").write_text(json.dumps({"machine": "m1", "rows": [{"env_id": "Hopper-v4", "script": "sac_flow_g"}]}))
-    files = [str(tmp_path / n) for n in ("a.json", "b.json", "flops.json")]
-    assert pool.main(["--files", *files, "--out", str(tmp_path / "pooled")]) == 0
-    out = json.loads((tmp_path / "pooled.json").read_text())
-    assert [r["file"] for r in out["runs"]] == ["a.json", "b.json"]  # the FLOPs-only run has no ratios
-    hopper, humanoid = out["rows"]
+    out = str(tmp_path / "va")
+    args = versus_authors.Args(authors="x", out=out)
+    monkeypatch.setattr(versus_authors, "MACHINE", "m1")
+    versus_authors.write_results(args, [row("Hopper-v4", "sac_flow_g", [1.0, 1.5, 1.3]), row("Humanoid-v4", "sac_flow_t", [2.0])],
+                                 ["the first run's table"])
+    versus_authors.write_results(args, [{"env_id": "Hopper-v4", "script": "sac_flow_g", "ours_gflop": 15.6}], ["flops"])
+    monkeypatch.setattr(versus_authors, "MACHINE", "m2")
+    versus_authors.write_results(args, [row("Hopper-v4", "sac_flow_g", [1.2], [1.25, 1.4])], ["the third run's table"])
+    runs = json.loads((tmp_path / "va.json").read_text())["runs"]
+    assert [r["machine"] for r in runs] == ["m1", "m1", "m2"] and all(r["date"] and "commit" in r for r in runs)
+    hopper, humanoid = versus_authors.pool(runs, 1.25)  # the FLOPs-only run has no ratios
     # 1.0, 1.2, 1.3, 1.5: median 1.25, quartiles by linear interpolation 1.15 and 1.35, two at 1.25 or above
     assert (hopper["runs"], hopper["ratio"]["n"], hopper["ratio"]["at_target"]) == (2, 4, 2)
     assert [hopper["ratio"][k] for k in ("median", "q1", "q3", "min", "max")] == pytest.approx([1.25, 1.15, 1.35, 1.0, 1.5])
     assert hopper["ratio_within"]["n"] == 2 and hopper["ratio_within"]["at_target"] == 2  # 1.25 counts
     assert humanoid["ratio_within"] is None and humanoid["ratio"]["median"] == 2.0
-    table = (tmp_path / "pooled.md").read_text()
+    table = (tmp_path / "va.md").read_text()
     assert "| Hopper-v4 | sac_flow_g | 2 | 1.25 (1.15 to 1.35; 1.00 to 1.50), 2 of 4 | 1.32 (1.29 to 1.36; 1.25 to 1.40), 2 of 2 |" in table
     assert "| Humanoid-v4 | sac_flow_t | 1 | 2.00 (2.00 to 2.00; 2.00 to 2.00), 1 of 1 | - |" in table
+    assert table.rstrip().endswith("## The latest run\n\nthe third run's table") and "(FLOPs only)" in table
+    before = (tmp_path / "va.md").read_text()
+    assert versus_authors.main(["--pool-only", "--out", out]) == 0  # the same pooled table, no run added
+    assert (tmp_path / "va.md").read_text() == before  # every run keeps its table
+    assert len(json.loads((tmp_path / "va.json").read_text())["runs"]) == 3
     capsys.readouterr()
     (tmp_path / "bad.json").write_text("{not json")
-    (tmp_path / "norow.json").write_text(json.dumps({"rows": [{"script": "sac_flow_g", "ratio": [1.3]}]}))  # no env_id
-    for argv, message in ((["--files", str(tmp_path / "none.json")], "none.json is not a file"),
-                          (["--files", files[0], "--target", "0"], "--target must be positive, got 0"),
-                          (["--files", str(tmp_path / "bad.json")], "bad.json is not a versus_authors.py result"),
-                          (["--files", str(tmp_path / "norow.json")], "norow.json is not a versus_authors.py result"),
-                          (["--files", files[2]], "none of them holds a timed versus_authors.py run")):
-        assert pool.main([*argv, "--out", str(tmp_path / "x")]) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.count("\n") == 0 and message in err, err
-    assert not (tmp_path / "x.md").exists()
-    assert pool.main(["--files", files[0], "--out", str(tmp_path / "missing" / "x")]) == 2
-    assert "cannot write" in capsys.readouterr().err
+    (tmp_path / "norow.json").write_text(json.dumps({"runs": [{"rows": [{"script": "sac_flow_g", "ratio": [1.3]}]}]}))
+    (tmp_path / "flops.json").write_text(json.dumps({"runs": [{"machine": "m", "rows": [{"env_id": "H", "script": "s"}]}]}))
+    for kwargs, message in (({"out": out, "target": 0.0}, "--target must be positive"),
+                            ({"out": str(tmp_path / "bad")}, "bad.json is not a file of runs of this benchmark"),
+                            ({"out": str(tmp_path / "norow")}, "norow.json is not a file of runs of this benchmark"),
+                            ({"out": str(tmp_path / "flops"), "pool_only": True}, "flops.json holds no timed run"),
+                            ({"out": str(tmp_path / "none"), "pool_only": True}, "none.json holds no timed run")):
+        with pytest.raises(SystemExit, match=message):  # before anything is measured
+            versus_authors.check(versus_authors.Args(**kwargs))
