@@ -3,6 +3,7 @@
     python benchmarks/throughput.py                 # all scripts x Hopper, Ant, Humanoid, dog-run
     python benchmarks/throughput.py --quick         # all scripts on Hopper-v4, a few minutes on 2 cores
     python benchmarks/throughput.py --scripts flowrl_jax --env-ids Ant-v4
+    python benchmarks/throughput.py --num-seeds 1 2 4 8 --env-ids Hopper-v4 --sizes small --repeats 3   # many seeds
 
 Each (script, task) is measured in a fresh process, at the script's default hyperparameters:
 - update: compile time and gradient steps per second of the jitted update alone (buffer filled with
@@ -16,7 +17,11 @@ Each (script, task) is measured in a fresh process, at the script's default hype
   the device's peak bytes in use where the backend reports it (GPU, TPU), and XLA's own account of
   the compiled update (arguments + outputs + temporaries - aliased);
 - where the update's time goes, from a jax.profiler trace: matmul kernels versus the rest.
-Writes benchmarks/results/throughput_<platform>[_quick].json and .md, stamped with the device, the
+With --num-seeds S1 S2 ..., each (script, task) is measured for every seed count in its own process (the
+update of all seeds in one call, the loop's rate per seed; `vs 1 seed` is the total against one seed's, i.e.
+against running the seeds one after another), with --repeats interleaved runs of each, the median counting.
+--sizes small sets every hidden width and the batch to 64, where dispatch rather than arithmetic bounds a step.
+Writes benchmarks/results/throughput_<platform>[_quick][_small].json and .md, stamped with the device, the
 CPU count and the package versions.
 """
 
@@ -47,6 +52,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 ALL_SCRIPTS = ["flowrl_jax", "sac_flow_g", "sac_flow_t"]
+SMALL = {
+    "flowrl_jax": {"hidden_dim": 64, "batch_size": 64},
+    "sac_flow_g": {"hidden_dim": 64, "critic_width": 64, "log_std_hidden": 64, "batch_size": 64},
+    "sac_flow_t": {"d_model": 64, "critic_width": 64, "log_std_hidden": 64, "batch_size": 64},
+}
 ALL_TASKS = ["Hopper-v4", "Ant-v4", "Humanoid-v4", "dm_control/dog-run-v0"]
 
 
@@ -66,10 +76,16 @@ class Args:
     """trace a few updates with jax.profiler and split their time into matmul kernels and the rest"""
     quick: bool = False
     """all scripts on Hopper-v4 with fewer timed steps and learning_starts 2000: under 5 minutes on 2 cores"""
+    num_seeds: list[int] = field(default_factory=lambda: [1])
+    """seed counts (--num-seeds of the scripts), each measured in its own process"""
+    sizes: str = "authors"
+    """authors: the scripts' defaults; small: every hidden width and the batch 64"""
+    repeats: int = 1
+    """runs of each (script, task, seed count), interleaved; the median loop rate counts"""
     out: str = os.path.join(ROOT, "benchmarks", "results")
     """folder for the JSON and markdown results"""
     worker: str = ""
-    """internal: measure one "script:env_id" in this process and print its JSON"""
+    """internal: measure one "script:env_id:num_seeds" in this process and print its JSON"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,12 +405,14 @@ def worker(spec: str, args: Args) -> dict:
     from common.run import keep_freed_memory
 
     keep_freed_memory()  # as the scripts' training runs do (the timed loop below is one)
-    module_name, env_id = spec.split(":", 1)
-    module = importlib.import_module(module_name)
-    row = {"script": module_name, "env_id": env_id}
-    row.update(measure_update(module, env_id, args.update_steps, args.profile))
+    module_name, env_id, num_seeds = spec.split(":")
+    module, num_seeds = importlib.import_module(module_name), int(num_seeds)
+    overrides = SMALL[module_name] if args.sizes == "small" else {}
+    row = {"script": module_name, "env_id": env_id, "size": args.sizes}
+    # FLOPs per env step do not depend on the seed count: costed with one seed only
+    row.update(measure_update(module, env_id, args.update_steps, args.profile, num_seeds, overrides, flops=num_seeds == 1))
     if args.loop_steps > 0:
-        row.update(measure_loop(module, env_id, args.loop_steps, args.loop_learning_starts))
+        row.update(measure_loop(module, env_id, args.loop_steps, args.loop_learning_starts, num_seeds, overrides))
         row["loop_vs_update"] = row["loop_env_steps_per_s"] / row["grad_steps_per_s"]
     row["peak_host_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     row["peak_device_mb"] = device_peak_mb()
@@ -426,7 +444,7 @@ def machine() -> dict:
 def run_worker(spec: str, args: Args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", spec, "--update-steps", str(args.update_steps),
            "--loop-steps", str(args.loop_steps), "--loop-learning-starts", str(args.loop_learning_starts),
-           "--profile" if args.profile else "--no-profile"]
+           "--profile" if args.profile else "--no-profile", "--sizes", args.sizes]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
@@ -447,17 +465,23 @@ def markdown(info: dict, peak: dict, rows: list[dict], quick: bool) -> str:
         f"Matmul peak (float32 1024x1024; the better of the two is the 100%): numpy {peak['numpy']:.0f} GFLOP/s, "
         f"XLA {peak['jax']:.0f} GFLOP/s.",
         "",
-        "| script | task | compile s | update steps/s | GFLOP/env step | % of matmul peak | matmul share of kernel time "
-        "| loop env steps/s | loop / update | peak host MiB | XLA update MiB | peak device MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| script | task | seeds | compile s | update steps/s | GFLOP/env step | % of matmul peak | matmul share of kernel "
+        "time | loop env steps/s per seed | loop / update | all seeds | vs 1 seed | runs (all seeds) | peak host MiB | XLA "
+        "update MiB | peak device MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    ones = {(r["script"], r["env_id"]): r for r in rows if r.get("num_seeds", 1) == 1}
     for r in rows:
-        share = r.get("profile", {}).get("matmul_share")
+        share, seeds = r.get("profile", {}).get("matmul_share"), r.get("num_seeds", 1)
+        one, total = ones.get((r["script"], r["env_id"])), r.get("loop_env_steps_per_s", float("nan")) * seeds
+        gflop = ones[(r["script"], r["env_id"])].get("gflop_per_env_step") if one else None
         lines.append(
-            f"| {r['script']} | {r['env_id']} | {r['compile_s']:.1f} | {r['grad_steps_per_s']:.1f} | "
-            f"{r['gflop_per_env_step']:.2f} | {100 * r['update_gflops'] / best:.0f}% | "
+            f"| {r['script']} | {r['env_id']} | {seeds} | {r['compile_s']:.1f} | {r['grad_steps_per_s']:.1f} | "
+            f"{fmt(gflop, '.2f')} | {fmt(None if gflop is None else 100 * r['grad_steps_per_s'] * seeds * gflop / best, '.0f')}% | "
             f"{fmt(None if share is None else 100 * share, '.0f')}{'%' if share is not None else ''} | "
-            f"{fmt(r.get('loop_env_steps_per_s'), '.1f')} | {fmt(r.get('loop_vs_update'), '.2f')} | "
+            f"{fmt(r.get('loop_env_steps_per_s'), '.1f')} | {fmt(r.get('loop_vs_update'), '.2f')} | {fmt(total, '.1f')} | "
+            f"{fmt(None if not one or r is one else total / one['loop_env_steps_per_s'], '.2f')} | "
+            f"{', '.join(f'{x:.1f}' for x in r.get('repeats', []))} | "
             f"{r['peak_host_rss_mb']:.0f} | {r['xla_update_memory_mb']:.0f} | {fmt(r['peak_device_mb'], '.0f')} |")
     lines += ["", "update steps/s: median over chunks of calls of the compiled update alone. GFLOP/env step: XLA's "
               "cost_analysis(), critic step + actor step / policy delay. loop: the script's training loop after "
@@ -485,6 +509,9 @@ def main() -> None:
             check_env_id(env_id)
         except ConfigError as e:
             raise SystemExit(f"error: {e}") from None
+    if args.sizes not in ("authors", "small") or args.repeats < 1 or not args.num_seeds or min(args.num_seeds) < 1:
+        raise SystemExit(f"error: need --sizes authors or small (got {args.sizes!r}), --repeats >= 1 (got {args.repeats}) "
+                         f"and --num-seeds of positive counts (got {args.num_seeds})")
     if args.quick:
         args.env_ids, args.update_steps, args.loop_steps = ["Hopper-v4"], 12, 150
         args.loop_learning_starts, args.profile = 2000, False
@@ -492,17 +519,26 @@ def main() -> None:
     peak = matmul_peak_gflops()
     print(f"matmul peak: numpy {peak['numpy']:.0f}, XLA {peak['jax']:.0f} GFLOP/s", flush=True)
     rows = []
-    for module_name in args.scripts:
-        for env_id in args.env_ids:
+    specs = [f"{m}:{e}:{s}" for m in args.scripts for e in args.env_ids for s in args.num_seeds]
+    found = {spec: [] for spec in specs}
+    for _ in range(args.repeats):  # interleaved, so that a slow spell of a shared machine hits every cell alike
+        for spec in specs:
             t = time.perf_counter()
-            row = run_worker(f"{module_name}:{env_id}", args)
+            row = run_worker(spec, args)
+            found[spec].append(row)
+            print(f"{spec}: {row['grad_steps_per_s']:.1f} update steps/s, loop {fmt(row.get('loop_env_steps_per_s'), '.1f')} "
+                  f"env steps/s per seed, peak host {row['peak_host_rss_mb']:.0f} MiB ({time.perf_counter() - t:.0f} s)",
+                  flush=True)
+    for spec in specs:
+        runs = sorted(found[spec], key=lambda r: r.get("loop_env_steps_per_s", r["grad_steps_per_s"]))
+        row = runs[len(runs) // 2]
+        row["repeats"] = [r.get("loop_env_steps_per_s", float("nan")) * r["num_seeds"] for r in found[spec]]
+        if "update_gflops" in row:
             row["share_of_matmul_peak"] = row["update_gflops"] / max(peak.values())
-            rows.append(row)
-            print(f"{module_name} {env_id}: {row['grad_steps_per_s']:.1f} update steps/s, "
-                  f"{100 * row['share_of_matmul_peak']:.0f}% of peak, loop {fmt(row.get('loop_env_steps_per_s'), '.1f')} "
-                  f"env steps/s, peak host {row['peak_host_rss_mb']:.0f} MiB ({time.perf_counter() - t:.0f} s)", flush=True)
+        rows.append(row)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"throughput_{info['platform']}{'_quick' if args.quick else ''}")
+    stem = os.path.join(args.out, f"throughput_{info['platform']}{'_quick' if args.quick else ''}"
+                                  f"{'_small' if args.sizes == 'small' else ''}")
     with open(stem + ".json", "w") as f:
         json.dump({"machine": info, "matmul_peak_gflops": peak, "quick": args.quick, "rows": rows}, f, indent=2)
     table = markdown(info, peak, rows, args.quick)

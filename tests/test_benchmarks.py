@@ -190,8 +190,14 @@ def test_throughput_table_marks_missing_figures():
     row = {"script": "flowrl_jax", "env_id": "Hopper-v4", "compile_s": 4.0, "grad_steps_per_s": 10.0,
            "gflop_per_env_step": 10.0, "update_gflops": 100.0, "loop_env_steps_per_s": 9.0, "loop_vs_update": 0.9,
            "peak_host_rss_mb": 1200.0, "xla_update_memory_mb": 220.0, "peak_device_mb": float("nan")}
-    table = throughput.markdown(info, {"numpy": 150.0, "jax": 200.0}, [row], quick=False)
-    assert "| flowrl_jax | Hopper-v4 | 4.0 | 10.0 | 10.00 | 50% | - | 9.0 | 0.90 | 1200 | 220 | - |" in table
+    # 4 seeds: the update of all in one call at 4 steps/s, each seed's loop at 3 env steps/s; FLOPs from the one-seed row
+    four = {**row, "num_seeds": 4, "grad_steps_per_s": 4.0, "loop_env_steps_per_s": 3.0, "loop_vs_update": 0.75,
+            "repeats": [12.0, 11.0], "gflop_per_env_step": None}
+    table = throughput.markdown(info, {"numpy": 150.0, "jax": 200.0}, [{**row, "num_seeds": 1, "repeats": [9.0]}, four],
+                                quick=False)
+    assert "| flowrl_jax | Hopper-v4 | 1 | 4.0 | 10.0 | 10.00 | 50% | - | 9.0 | 0.90 | 9.0 | - | 9.0 | 1200 | 220 | - |" in table
+    # 4 x 4 x 10 GFLOP/s = 80% of 200; 4 x 3 = 12 env steps/s in all, 12 / 9 = 1.33 times one seed's
+    assert "| flowrl_jax | Hopper-v4 | 4 | 4.0 | 4.0 | 10.00 | 80% | - | 3.0 | 0.75 | 12.0 | 1.33 | 12.0, 11.0 | 1200 | 220 | - |" in table
 
 
 def test_versus_authors_buffer_stand_in_and_refusals(tmp_path):
