@@ -14,9 +14,10 @@ sigma from the observation, log pi in the env's action units); flags give the ot
 | Eq. 4, 13 | the K-step noise-augmented rollout | flow_rollout, step_std, FlowPolicy |
 | Eq. 13-14 | plain drift b = v, or the marginal-preserving drift | plain_drift, marginal_drift |
 | Eq. 15 | path log-density with every -log std term and the tanh Jacobian | path_log_prob, tanh_log_det |
-| Eq. 20-21 | critic: y = r + gamma (1 - d) (min Q(s', a') - alpha log pi(a'|s')) | critic_loss in make_update |
-| Eq. 22 | actor: mean(alpha log pi - min Q(s, pi(s))) | actor_loss in make_update |
-| Eq. 24 | temperature on log alpha toward --target-entropy | alpha_loss_fn in make_update |
+| Eq. 20-21 | critic: y = r + gamma (1 - d) (min Q(s', a') - alpha log pi(a'|s')) | critic_loss, update_critic |
+| Eq. 22 | actor: mean(alpha log pi - min Q(s, pi(s))) | actor_loss, update_actor |
+| Eq. 24 | temperature on log alpha toward --target-entropy | alpha_loss_fn in update_actor |
+| SAC's schedule | critics every step, actor and alpha every --policy-delay, one jitted call | make_update |
 | CrossQ | batch-renormalised critics, joint (s, a) / (s', a') pass, no target net | BatchRenorm, NormedDense, CriticEnsemble |
 """
 
@@ -142,7 +143,7 @@ import optax  # noqa: E402
 from flax import struct  # noqa: E402
 from flax.training.train_state import TrainState  # noqa: E402
 
-from common.buffer import ReplayBuffer, buffer_sample  # noqa: E402
+from common.buffer import Batch, ReplayBuffer, buffer_sample  # noqa: E402
 from common.checkpoint import finite_flags, restore_tree  # noqa: E402
 from common.env import action_scale  # noqa: E402
 from common.layers import BatchRenorm, NormedDense  # noqa: E402
@@ -467,84 +468,88 @@ def polyak(online, target, tau: float):
     return jax.tree_util.tree_map(mix, online, target)
 
 
-def make_update(args: Args, act_dim: int, sharding=None, units_scale=1.0):
-    """Build the jitted gradient step of every seed: sample a batch from the device buffer, update the critics;
-    every `policy_delay` critic updates also the actor and log alpha. One compiled call per env
-    step; the agent is not donated (see the end of this function). The buffer is only read here; the newest transition
-    goes in by its own donated call just before. Inserting inside this function made XLA copy the
-    whole buffer on every step (the batch gather fuses with the insert): 36 ms per step at 1e6
-    transitions on CPU, against 0.1 ms for the separate insert. `units_scale`: the env's action
-    half-range, for log pi in the env's units (--action-units env)."""
-    critic_train, critic_eval = CriticEnsemble(args, train=True), CriticEnsemble(args, train=False)
-    policy_train, policy_eval = FlowPolicy(args, act_dim, train=True), FlowPolicy(args, act_dim, train=False)
-    scale = units_scale if args.action_units == "env" else 1.0
+def critic_loss(params, args: Args, agent: Agent, b: Batch, next_a, next_log_pi):
+    """Eq. 20-21: 0.5 sum_i mean (Q_i(s, a) - y)^2 with y = r + gamma (1 - d) (min_i Q_i(s', a') - alpha log pi(a'|s')),
+    the critics in training mode. Without a target network (CrossQ, the default) one pass over [(s, a); (s', a')]
+    gives both halves the same batch statistics. Returns the loss and (Q(s, a), mean Q(s', a'), new batch stats)."""
+    critic_train, B = CriticEnsemble(args, train=True), args.batch_size
+    alpha = jnp.exp(agent.log_alpha.params["log_alpha"])
+    variables = {"params": params, "batch_stats": agent.critic.batch_stats}
+    if args.target_network:
+        q, new_vars = critic_train.apply(variables, b.obs, b.actions, mutable=["batch_stats"])
+        q_next = CriticEnsemble(args, train=False).apply(agent.critic_target, b.next_obs, next_a)
+    else:
+        q_all, new_vars = critic_train.apply(variables, jnp.concatenate([b.obs, b.next_obs]),
+                                             jnp.concatenate([b.actions, next_a]), mutable=["batch_stats"])
+        q, q_next = q_all[:, :B], q_all[:, B:]
+    soft_next = jnp.min(q_next, axis=0) - alpha * next_log_pi
+    y = jax.lax.stop_gradient(b.rewards + args.gamma * (1.0 - b.terminated) * soft_next)
+    loss = 0.5 * jnp.sum(jnp.mean((q - y) ** 2, axis=1))
+    return loss, (q, jnp.mean(q_next), new_vars.get("batch_stats", {}))
+
+
+def actor_loss(params, perturb, args: Args, act_dim: int, agent: Agent, critic: NormedState, b: Batch, key, scale):
+    """Eq. 22: mean(alpha log pi(a|s) - min_i Q_i(s, a)), a = pi(s) reparameterised through the whole rollout with
+    the actor's batch statistics; the critics use their running statistics (CrossQ). `perturb` (zeros) is added
+    to each x_k, so its gradient is the loss's gradient at every flow step. Returns the loss and (log pi, the
+    rollout's mean log std, mean min Q, the actor's new batch stats)."""
+    alpha = jnp.exp(agent.log_alpha.params["log_alpha"])
+    (a, log_pi, path), new_vars = FlowPolicy(args, act_dim, train=True).apply(
+        {"params": params, "batch_stats": agent.actor.batch_stats}, b.obs, key, perturb=perturb, units_scale=scale,
+        mutable=["batch_stats"])
+    q_pi = jnp.min(CriticEnsemble(args, train=False).apply(critic.variables, b.obs, a), axis=0)
+    return jnp.mean(alpha * log_pi - q_pi), (log_pi, path["log_std"], jnp.mean(q_pi), new_vars)
+
+
+def update_critic(args: Args, act_dim: int, agent: Agent, b: Batch, key, scale):
+    """One step on the critics (Eq. 20-21), a' ~ pi(s') drawn with the actor's running statistics; then the
+    Polyak target with --target-network. Returns the new critic, target and the step's metrics."""
+    next_a, next_log_pi, _ = FlowPolicy(args, act_dim, train=False).apply(agent.actor.variables, b.next_obs, key,
+                                                                         units_scale=scale)
+    (qf_loss, (q_data, next_q, batch_stats)), grads = jax.value_and_grad(critic_loss, has_aux=True)(
+        agent.critic.params, args, agent, b, next_a, next_log_pi)
+    critic = agent.critic.apply_gradients(grads=grads).replace(batch_stats=batch_stats)
+    critic_target = polyak(critic.variables, agent.critic_target, args.tau) if args.target_network else None
+    return critic, critic_target, {"qf_loss": qf_loss, "qf_values": jnp.mean(q_data), "next_q_values": next_q}
+
+
+def update_actor(args: Args, act_dim: int, agent: Agent, critic: NormedState, b: Batch, key, scale):
+    """One step on the actor (Eq. 22) against the just-updated critics, then on log alpha: alpha (-log pi - H_target)
+    (Eq. 24). Returns the new actor, log alpha and the step's metrics, with the norm of the gradient at each x_k."""
     B, K = args.batch_size, args.flow_steps
+    perturb = jnp.zeros((K, B, act_dim))
+    (loss, (log_pi, log_std, q_pi, new_vars)), (grads, grad_x) = jax.value_and_grad(
+        actor_loss, argnums=(0, 1), has_aux=True)(agent.actor.params, perturb, args, act_dim, agent, critic, b, key, scale)
+    actor = agent.actor.apply_gradients(grads=grads).replace(batch_stats=new_vars.get("batch_stats", {}))
+    # Per-sample gradient norm at x_k (the loss is a batch mean, hence the factor B), averaged.
+    grad_norms = jnp.mean(jnp.linalg.norm(B * grad_x, axis=-1), axis=-1)
+    entropy = -jnp.mean(log_pi)
+    alpha_loss_fn = lambda p: jnp.exp(p["log_alpha"]) * (entropy - args.target_entropy)
+    alpha_loss, alpha_grad = jax.value_and_grad(alpha_loss_fn)(agent.log_alpha.params)
+    log_alpha = agent.log_alpha.apply_gradients(grads=alpha_grad) if args.autotune else agent.log_alpha
+    info = {"actor_loss": loss, "alpha_loss": alpha_loss, "entropy": entropy, "log_std": log_std, "q_pi": q_pi,
+            "grad_norms": grad_norms}
+    return actor, log_alpha, info
+
+
+def make_update(args: Args, act_dim: int, sharding=None, units_scale=1.0):
+    """Build the jitted gradient step of every seed: sample a batch from the device buffer, update the critics; every
+    `policy_delay` critic updates also the actor and log alpha. One compiled call per env step; the agent is not
+    donated (see the end). The buffer is only read here; the newest transition goes in by its own donated call just
+    before (inserting here would make XLA copy the whole buffer every step).
+    `units_scale`: the env's action half-range, for log pi in the env's units (--action-units env)."""
+    scale = units_scale if args.action_units == "env" else 1.0
 
     def update(agent: Agent, buf: ReplayBuffer, do_actor):
         key, k_batch, k_next, k_pi = jax.random.split(agent.key, 4)
-        b = buffer_sample(buf, k_batch, B)
-        alpha = jnp.exp(agent.log_alpha.params["log_alpha"])
-
-        # Critic: y = r + gamma (1 - terminated) (min_i Q_i(s', a') - alpha log pi(a'|s')), a' ~ pi(s')
-        # with the actor's running statistics.
-        next_a, next_log_pi, _ = policy_eval.apply(agent.actor.variables, b.next_obs, k_next, units_scale=scale)
-
-        def critic_loss(params):
-            variables = {"params": params, "batch_stats": agent.critic.batch_stats}
-            if args.target_network:
-                q, new_vars = critic_train.apply(variables, b.obs, b.actions, mutable=["batch_stats"])
-                q_next = critic_eval.apply(agent.critic_target, b.next_obs, next_a)
-            else:
-                # CrossQ: one pass over [(s, a); (s', a')] so both halves share the batch statistics.
-                q_all, new_vars = critic_train.apply(variables, jnp.concatenate([b.obs, b.next_obs]),
-                                                     jnp.concatenate([b.actions, next_a]), mutable=["batch_stats"])
-                q, q_next = q_all[:, :B], q_all[:, B:]
-            soft_next = jnp.min(q_next, axis=0) - alpha * next_log_pi
-            y = jax.lax.stop_gradient(b.rewards + args.gamma * (1.0 - b.terminated) * soft_next)
-            loss = 0.5 * jnp.sum(jnp.mean((q - y) ** 2, axis=1))
-            return loss, (q, jnp.mean(q_next), new_vars.get("batch_stats", {}))
-
-        (qf_loss, (q_data, next_q, batch_stats)), grads = jax.value_and_grad(critic_loss, has_aux=True)(agent.critic.params)
-        critic = agent.critic.apply_gradients(grads=grads).replace(batch_stats=batch_stats)
-        critic_target = polyak(critic.variables, agent.critic_target, args.tau) if args.target_network else None
-
-        def actor_step(carry):
-            actor, log_alpha, _ = carry
-
-            # Actor: mean(alpha log pi(a|s) - min_i Q_i(s, a)), a = pi(s) reparameterised through the
-            # whole rollout, with the actor's batch statistics; the critics use running statistics
-            # (CrossQ). Differentiating w.r.t. the zero `perturb` gives the gradient at every x_k.
-            def actor_loss(params, perturb):
-                (a, log_pi, path), new_vars = policy_train.apply(
-                    {"params": params, "batch_stats": actor.batch_stats}, b.obs, k_pi, perturb=perturb, units_scale=scale,
-                    mutable=["batch_stats"])
-                q_pi = jnp.min(critic_eval.apply(critic.variables, b.obs, a), axis=0)
-                return jnp.mean(alpha * log_pi - q_pi), (log_pi, path["log_std"], jnp.mean(q_pi), new_vars)
-
-            perturb = jnp.zeros((K, B, act_dim))
-            (loss, (log_pi, log_std, q_pi, new_vars)), (grads, grad_x) = jax.value_and_grad(
-                actor_loss, argnums=(0, 1), has_aux=True)(actor.params, perturb)
-            actor = actor.apply_gradients(grads=grads).replace(batch_stats=new_vars.get("batch_stats", {}))
-            # Per-sample gradient norm at x_k (the loss is a batch mean, hence the factor B), averaged.
-            grad_norms = jnp.mean(jnp.linalg.norm(B * grad_x, axis=-1), axis=-1)
-
-            # Temperature: alpha (-log pi - H_target), minimised over log alpha (Eq. 24).
-            entropy = -jnp.mean(log_pi)
-            alpha_loss_fn = lambda p: jnp.exp(p["log_alpha"]) * (entropy - args.target_entropy)
-            alpha_loss, alpha_grad = jax.value_and_grad(alpha_loss_fn)(log_alpha.params)
-            if args.autotune:
-                log_alpha = log_alpha.apply_gradients(grads=alpha_grad)
-            info = {"actor_loss": loss, "alpha_loss": alpha_loss, "entropy": entropy, "log_std": log_std, "q_pi": q_pi,
-                    "grad_norms": grad_norms}
-            return actor, log_alpha, info
-
+        b = buffer_sample(buf, k_batch, args.batch_size)
+        critic, critic_target, info = update_critic(args, act_dim, agent, b, k_next, scale)
         carry = (agent.actor, agent.log_alpha, agent.actor_info)
+        actor_step = lambda c: update_actor(args, act_dim, agent.replace(actor=c[0], log_alpha=c[1]), critic, b, k_pi, scale)
         actor, log_alpha, actor_info = jax.lax.cond(do_actor, actor_step, lambda c: c, carry)
-
         agent = Agent(actor=actor, critic=critic, critic_target=critic_target, log_alpha=log_alpha, key=key,
                       updates=agent.updates + 1, actor_info=actor_info)
-        info = {"qf_loss": qf_loss, "qf_values": jnp.mean(q_data), "next_q_values": next_q,
-                "alpha": jnp.exp(log_alpha.params["log_alpha"]), **actor_info}
+        info = {**info, "alpha": jnp.exp(log_alpha.params["log_alpha"]), **actor_info}
         return agent, {**info, "finite": finite_flags(info)}  # one flag per metric, for the divergence check
 
     def update_seeds(agent: Agent, buf: ReplayBuffer):
