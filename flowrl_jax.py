@@ -30,10 +30,20 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import struct
+from flax.training.train_state import TrainState
 
 from common.args import RunArgs
+from common.buffer import Batch, ReplayBuffer, buffer_sample
+from common.checkpoint import finite_flags, restore_tree
 from common.env import ConfigError, check_ranges, check_run_args
+from common.run import ExitStatus, TrainingRun, eval_only, prepare_resume
+from common.seeds import seed_map
 
 
 @dataclass
@@ -85,19 +95,6 @@ def check_args(args: Args) -> None:
         raise ConfigError(f"--expectile must be in (0, 1), got {args.expectile}")
     check_run_args(args)  # the flags all scripts share, and the env id
 
-
-# The learning libraries; everything above (arguments and their checks) needs only numpy and common.env.
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-from flax import struct  # noqa: E402
-from flax.training.train_state import TrainState  # noqa: E402
-
-from common.buffer import Batch, ReplayBuffer, buffer_sample  # noqa: E402
-from common.checkpoint import finite_flags, restore_tree  # noqa: E402
-from common.run import ExitStatus, TrainingRun, eval_only, prepare_resume  # noqa: E402
-from common.seeds import seed_map  # noqa: E402
 
 # --- Networks (the authors' layouts: Xavier-uniform weights, zero biases) ---
 

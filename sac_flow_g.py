@@ -28,10 +28,21 @@ import sys
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import struct
+from flax.training.train_state import TrainState
 
 from common.args import RunArgs
-from common.env import ConfigError, check_ranges, check_run_args
+from common.buffer import Batch, ReplayBuffer, buffer_sample
+from common.checkpoint import finite_flags, restore_tree
+from common.env import ConfigError, action_scale, check_ranges, check_run_args
+from common.layers import BatchRenorm, NormedDense
+from common.run import ExitStatus, TrainingRun, eval_only, prepare_resume
+from common.seeds import seed_map
 
 
 @dataclass
@@ -133,22 +144,6 @@ def check_args(args: Args) -> None:
         raise ConfigError(f"--drift marginal needs --step-noise sqrt-dt (the Euler-Maruyama scaling it is derived for), "
                           f"got --step-noise {args.step_noise}")
     check_run_args(args)  # the flags all scripts share, and the env id
-
-
-# The learning libraries; everything above (arguments and their checks) needs only numpy and common.env.
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-from flax import struct  # noqa: E402
-from flax.training.train_state import TrainState  # noqa: E402
-
-from common.buffer import Batch, ReplayBuffer, buffer_sample  # noqa: E402
-from common.checkpoint import finite_flags, restore_tree  # noqa: E402
-from common.env import action_scale  # noqa: E402
-from common.layers import BatchRenorm, NormedDense  # noqa: E402
-from common.run import ExitStatus, TrainingRun, eval_only, prepare_resume  # noqa: E402
-from common.seeds import seed_map  # noqa: E402
 
 
 def batch_renorm(args, train: bool, **kw) -> BatchRenorm:

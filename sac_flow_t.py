@@ -30,10 +30,21 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import struct
+from flax.training.train_state import TrainState
 
 from common.args import RunArgs
-from common.env import ConfigError, check_ranges, check_run_args
+from common.buffer import Batch, ReplayBuffer, buffer_sample
+from common.checkpoint import finite_flags, restore_tree
+from common.env import ConfigError, action_scale, check_ranges, check_run_args
+from common.layers import BatchRenorm, NormedDense
+from common.run import ExitStatus, TrainingRun, eval_only, prepare_resume
+from common.seeds import seed_map
 
 
 @dataclass
@@ -143,22 +154,6 @@ def check_args(args: Args) -> None:
         raise ConfigError("--drift marginal needs a noise level independent of x_k: add --log-std-input obs-time "
                           "(--log-std-input decoder reads sigma from the decoder output, which depends on x_k)")
     check_run_args(args)  # the flags all scripts share, and the env id
-
-
-# The learning libraries; everything above (arguments and their checks) needs only numpy and common.env.
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-from flax import struct  # noqa: E402
-from flax.training.train_state import TrainState  # noqa: E402
-
-from common.buffer import Batch, ReplayBuffer, buffer_sample  # noqa: E402
-from common.checkpoint import finite_flags, restore_tree  # noqa: E402
-from common.env import action_scale  # noqa: E402
-from common.layers import BatchRenorm, NormedDense  # noqa: E402
-from common.run import ExitStatus, TrainingRun, eval_only, prepare_resume  # noqa: E402
-from common.seeds import seed_map  # noqa: E402
 
 
 def batch_renorm(args, train: bool, **kw) -> BatchRenorm:

@@ -2,7 +2,7 @@
 
 A script's `Args(RunArgs)` adds its hyperparameters after these (tyro lists base fields first, as
 CleanRL's scripts list the run flags first) and sets `exp_name` to its own file name. Checked by
-`common.env.check_run_args`. Imports nothing heavy, so `--help` and refusals stay fast.
+`common.env.check_run_args`. Imports nothing heavy.
 """
 
 from __future__ import annotations
