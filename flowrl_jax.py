@@ -19,6 +19,7 @@ gives the paper's version (docs/flowrl.md).
     Eq. 13   weighted conditional flow matching                       weighted_cfm_loss
     Eq. 22   actor loss -Q^pi(s, pi(s)) + weighted CFM                actor_loss (update_actor)
     Alg. 1   critics every step; actor and targets every 2nd          make_update; the loop in train
+    (code)   batches: 20% from the newest 2,048 transitions            sample_batch
 
 Everything around the loop (run folder, logs, evaluation, checkpoints, resume, seeds) is common/run.py.
 """
@@ -39,7 +40,7 @@ from flax import struct
 from flax.training.train_state import TrainState
 
 from common.args import RunArgs
-from common.buffer import Batch, ReplayBuffer, buffer_sample
+from common.buffer import Batch, ReplayBuffer, buffer_gather
 from common.checkpoint import finite_flags, restore_tree
 from common.env import ConfigError, check_ranges, check_run_args
 from common.run import ExitStatus, TrainingRun, eval_only, prepare_resume
@@ -247,6 +248,17 @@ def make_policy(args: Args, actor_apply, act_dim: int):
     return policy
 
 
+def sample_batch(buf: ReplayBuffer, key, batch_size: int, recent_frac: float, recent_size: int) -> Batch:
+    """The authors' batch: a share `recent_frac` of it uniformly from the newest `recent_size` transitions (across the
+    ring's wrap), the rest uniformly from every filled slot, both with replacement."""
+    capacity = buf.obs.shape[0]
+    n_recent = int(round(batch_size * recent_frac)) if recent_size > 0 else 0
+    k_uniform, k_recent = jax.random.split(key)
+    uniform = jax.random.randint(k_uniform, (batch_size - n_recent,), 0, buf.size)
+    back = jax.random.randint(k_recent, (n_recent,), 0, jnp.minimum(recent_size, buf.size))
+    return buffer_gather(buf, jnp.concatenate([uniform, (buf.pos - 1 - back) % capacity]))
+
+
 def update_critics(args: Args, act_dim: int, agent: Agent, b: Batch, key):
     """One step on Q^pi (Eq. 3), Q^beta* (Eq. 19) and V (Eq. 18), all from the same batch."""
     q_apply, v_apply = agent.critic.apply_fn, agent.value.apply_fn
@@ -329,7 +341,7 @@ def make_update(args: Args, act_dim: int, sharding=None):
 
     def update(agent: Agent, buf: ReplayBuffer, do_actor):
         key, k_batch, k_critic, k_actor = jax.random.split(agent.key, 4)
-        b = buffer_sample(buf, k_batch, args.batch_size, args.recent_frac, args.recent_size)
+        b = sample_batch(buf, k_batch, args.batch_size, args.recent_frac, args.recent_size)
         agent, info = update_critics(args, act_dim, agent, b, k_critic)
         agent = jax.lax.cond(do_actor, lambda a: update_actor(args, act_dim, a, b, k_actor), lambda a: a, agent)
         agent = agent.replace(key=key, updates=agent.updates + 1)

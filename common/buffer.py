@@ -60,17 +60,15 @@ def buffer_add(buf: ReplayBuffer, obs, action, reward, next_obs, terminated) -> 
     )
 
 
-def buffer_sample(buf: ReplayBuffer, key, batch_size: int, recent_frac: float = 0.0, recent_size: int = 0) -> Batch:
-    """Draw `batch_size` transitions: a share `recent_frac` of them uniformly from the newest
-    `recent_size` transitions, the rest uniformly from the whole buffer (with replacement)."""
-    capacity = buf.obs.shape[0]
-    n_recent = int(round(batch_size * recent_frac)) if recent_size > 0 else 0
-    k_uniform, k_recent = jax.random.split(key)
-    uniform = jax.random.randint(k_uniform, (batch_size - n_recent,), 0, buf.size)
-    window = jnp.minimum(recent_size, buf.size)
-    back = jax.random.randint(k_recent, (n_recent,), 0, window)
-    recent = (buf.pos - 1 - back) % capacity
-    idx = jnp.concatenate([uniform, recent])
+def buffer_sample(buf: ReplayBuffer, key, batch_size: int) -> Batch:
+    """Draw `batch_size` transitions uniformly from the filled slots (with replacement)."""
+    # The first of two keys: the stream the scripts have always drawn their indices from, so a seed's run is the same.
+    idx = jax.random.randint(jax.random.split(key)[0], (batch_size,), 0, buf.size)
+    return buffer_gather(buf, idx)
+
+
+def buffer_gather(buf: ReplayBuffer, idx) -> Batch:
+    """The transitions at the slots `idx`."""
     return Batch(buf.obs[idx], buf.actions[idx], buf.rewards[idx], buf.next_obs[idx], buf.terminated[idx])
 
 

@@ -80,6 +80,40 @@ def filled_buffer(obs_dim=3, act_dim=2, n=40, seed=0):
     return buf
 
 
+def fill(buf, values):
+    for v in values:
+        o = np.full(buf.obs.shape[1], v, np.float32)
+        buf = buffer_add(buf, o, np.full(buf.actions.shape[1], v, np.float32), np.float32(v), o + 0.5, np.float32(0))
+    return buf
+
+
+def test_the_authors_batch_never_reads_empty_slots():
+    buf = fill(buffer_init(100, 1, 1), range(1, 11))  # slots 10..99 are empty (zeros)
+    b = F.sample_batch(buf, jax.random.PRNGKey(0), 2000, 0.2, 50)
+    assert float(jnp.min(b.obs)) >= 1.0
+
+
+def test_recent_share_comes_from_the_newest_transitions_across_the_wrap():
+    capacity, recent, batch = 1000, 40, 2000
+    buf = fill(buffer_init(capacity, 1, 1), range(1, 1301))  # wrapped: newest value 1300 sits in slot 299
+    b = F.sample_batch(buf, jax.random.PRNGKey(1), batch, 0.25, recent)
+    values = np.asarray(b.obs[:, 0])
+    newest = values >= 1300 - recent + 1
+    recent_part = values[-batch // 4:]
+    assert newest[-batch // 4:].all()  # the recent quarter is all from the newest 40
+    assert set(recent_part.astype(int)) == set(range(1261, 1301))  # and covers them
+    uniform_share = newest[: -batch // 4].mean()
+    assert abs(uniform_share - recent / capacity) < 0.02  # the rest is uniform over all 1000
+    assert values.min() >= 301  # nothing older than the overwritten range
+
+
+def test_recent_window_before_the_buffer_is_full():
+    buf = fill(buffer_init(10_000, 1, 1), range(1, 21))
+    b = F.sample_batch(buf, jax.random.PRNGKey(2), 1000, 1.0, 2048)
+    values = np.asarray(b.obs[:, 0])
+    assert values.min() >= 1 and values.max() <= 20 and len(set(values)) == 20
+
+
 def test_networks_shapes_and_independent_twin_heads():
     args = small_args()
     agent = F.create_agent(args, 3, 2, jax.random.PRNGKey(0))
