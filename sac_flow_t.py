@@ -619,7 +619,8 @@ def load_actor(args: Args, obs_dim: int, act_dim: int, raw: dict):
 def train(args: Args, resume=None) -> dict:
     """Train --num-seeds agents (or continue `resume` = (path, checkpoint) from prepare_resume). Returns a summary.
     Every array (agent, keys, buffer, observations) carries a leading seed axis."""
-    run = TrainingRun(args, ALGO, __file__, resume)
+    # the actor-loss gradient's norm at each x_k, logged as grad/step_k (the paper's Fig. 13 measure)
+    run = TrainingRun(args, ALGO, __file__, resume, vector_tags={"grad_norms": "grad/step_"})
     agent, k_act, buf, obs = run.init_state(create_agent)
     update = make_update(args, run.act_dim, run.sharding, action_scale(args.env_id))
     act_eval, act_explore = make_act(args, run.act_dim, args.num_seeds)

@@ -45,9 +45,6 @@ from common.env import ConfigError, SeedEnvs, check_env_id, env_dims, evaluate, 
 from common.seeds import check_buffer_memory, per_seed, seed_map, seed_sharding
 from common.tracking import RunWriter
 
-# A metric that is a vector per seed is logged one scalar per entry, as `{prefix}{k}`. SAC Flow's
-# norms of the actor gradient at each flow step x_k go under grad/; any other vector under losses/.
-VECTOR_TAGS = {"grad_norms": "grad/step_"}
 
 
 def keep_freed_memory() -> bool:
@@ -70,16 +67,17 @@ def keep_freed_memory() -> bool:
                ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 256 << 20)))
 
 
-def metric_scalars(values: dict, i: int) -> list[tuple[str, float]]:
+def metric_scalars(values: dict, i: int, vector_tags: dict | None = None) -> list[tuple[str, float]]:
     """Seed i's (tag, value) pairs of an update's metrics (host arrays with a leading seed axis, without
-    the `finite` flags): `losses/{name}` for a scalar, one tag per entry for a vector (VECTOR_TAGS)."""
+    the `finite` flags): `losses/{name}` for a scalar; for a vector one tag per entry, `{prefix}{k}` with the prefix
+    `vector_tags` gives the metric (a script's own naming), else `losses/{name}_`."""
     scalars = []
     for name, value in values.items():
         value = np.asarray(value[i])
         if value.ndim == 0:
             scalars.append((f"losses/{name}", float(value)))
         else:
-            prefix = VECTOR_TAGS.get(name, f"losses/{name}_")
+            prefix = (vector_tags or {}).get(name, f"losses/{name}_")
             scalars.extend((f"{prefix}{k}", float(x)) for k, x in enumerate(value.reshape(-1)))
     return scalars
 
@@ -91,10 +89,12 @@ class TrainingRun:
     the run owns the bookkeeping. Attributes a script reads: `envs` (one training env per seed),
     `obs_dim`, `act_dim`, `sharding` (of the seed axis), `seeds`, `run_dir`, `log_dirs`, `meta`."""
 
-    def __init__(self, args, algo: str, script: str, resume=None):
+    def __init__(self, args, algo: str, script: str, resume=None, vector_tags: dict | None = None):
         """Name the run (or take the resumed one's), seed the host RNGs, pick the devices, refuse buffers
-        that cannot fit, create the run folder and build the envs. `resume` is prepare_resume's answer."""
+        that cannot fit, create the run folder and build the envs. `resume` is prepare_resume's answer;
+        `vector_tags` names the TensorBoard tags of the script's vector metrics (metric_scalars)."""
         self.args, self.algo, self.script, self.resume = args, algo, os.path.basename(script), resume
+        self.vector_tags = vector_tags
         self.seeds = [args.seed + i for i in range(args.num_seeds)]
         if resume:
             run_name, self.run_dir = resume[1]["meta"]["run_name"], resume_run_dir(*resume)
@@ -267,7 +267,7 @@ class TrainingRun:
             for i, writer in enumerate(self.writers):
                 writer.add_scalar("charts/SPS", sps, step)
                 writer.add_scalar("charts/SPS_window", window_sps, step)
-                for tag, value in metric_scalars(values, i):
+                for tag, value in metric_scalars(values, i, self.vector_tags):
                     writer.add_scalar(tag, value, step)
             self.postfix["sps"] = window_sps * len(self.seeds)  # the bar shows all seeds' total
         if any(e is not None for e in episodes) or step % args.log_every == 0:

@@ -22,8 +22,11 @@ from helpers import read_scalars, wandb_offline_runs
 def test_metric_scalars_give_one_tag_per_entry_of_a_vector():
     values = {"qf_loss": np.array([1.0, 2.0]), "grad_norms": np.array([[0.1, 0.2, 0.3], [4.0, 5.0, 6.0]]),
               "q_values": np.array([[7.0], [8.0]])}
-    assert metric_scalars(values, 1) == [("losses/qf_loss", 2.0), ("grad/step_0", 4.0), ("grad/step_1", 5.0),
-                                         ("grad/step_2", 6.0), ("losses/q_values_0", 8.0)]
+    assert metric_scalars(values, 1, {"grad_norms": "grad/step_"}) == [
+        ("losses/qf_loss", 2.0), ("grad/step_0", 4.0), ("grad/step_1", 5.0), ("grad/step_2", 6.0), ("losses/q_values_0", 8.0)]
+    # without a name from the script, a vector goes under losses/ like the scalars
+    assert [tag for tag, _ in metric_scalars(values, 0)][1:4] == ["losses/grad_norms_0", "losses/grad_norms_1",
+                                                                  "losses/grad_norms_2"]
 
 
 @pytest.mark.parametrize("error,code,fragment", [
@@ -103,7 +106,7 @@ def stand_in_agent(args, obs_dim, act_dim, key):
 def test_a_run_logs_per_seed_and_a_signal_checkpoints_and_stops(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     args = StandInArgs()
-    run = TrainingRun(args, "stand_in", "stand_in.py")
+    run = TrainingRun(args, "stand_in", "stand_in.py", vector_tags={"grad_norms": "grad/step_"})
     agent, k_act, buf, obs = run.init_state(stand_in_agent)
     assert agent["w"].shape == (2, run.obs_dim, run.act_dim) and obs.shape == (2, run.obs_dim)
     update = jax.jit(lambda a: a)
