@@ -29,13 +29,14 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tyro
 from flax import struct
 from flax.training.train_state import TrainState
 
@@ -64,8 +65,9 @@ class Args(RunArgs):
     """env steps of uniform random actions before the first gradient step"""
     learning_rate: float = 3e-4
     """Adam learning rate of the actor, both critics and V"""
-    policy_frequency: int = 2
-    """update the actor and the target networks every this many critic updates"""
+    policy_delay: Annotated[int, tyro.conf.arg(aliases=("--policy-frequency",))] = 2
+    """update the actor and the target networks every this many critic updates (also --policy-frequency, its name
+    before 2026-12)"""
     hidden_dim: int = 512
     """width of every hidden layer"""
     flow_steps: int = 1
@@ -90,7 +92,7 @@ class Args(RunArgs):
 
 def check_args(args: Args) -> None:
     """Refuse impossible settings with one line, before anything is built or compiled."""
-    check_ranges(args, positive=["learning_rate", "hidden_dim", "flow_steps", "policy_frequency", "lamda", "tau", "recent_size"],
+    check_ranges(args, positive=["learning_rate", "hidden_dim", "flow_steps", "policy_delay", "lamda", "tau", "recent_size"],
                  unit=["gamma", "tau", "recent_frac"])
     if not 0.0 < args.expectile < 1.0:
         raise ConfigError(f"--expectile must be in (0, 1), got {args.expectile}")
@@ -137,12 +139,12 @@ class TwinQ(nn.Module):
     """Two independent Q heads evaluated as one vmapped ensemble; returns (2, batch)."""
 
     hidden_dim: int
-    num_heads: int = 2
+    n_critics: int = 2
 
     @nn.compact
     def __call__(self, s, a):
         ensemble = nn.vmap(ValueMLP, variable_axes={"params": 0}, split_rngs={"params": True},
-                           in_axes=None, out_axes=0, axis_size=self.num_heads)
+                           in_axes=None, out_axes=0, axis_size=self.n_critics)
         return ensemble(self.hidden_dim)(jnp.concatenate([s, a], axis=-1))
 
 
@@ -335,7 +337,7 @@ def update_actor(args: Args, act_dim: int, agent: Agent, b: Batch, key) -> Agent
 
 def make_update(args: Args, act_dim: int, sharding=None):
     """The whole gradient step of every seed as one jitted call: sample a batch on device, update the
-    critics, and every `policy_frequency` calls the actor and the targets (Alg. 1). No host round-trip inside.
+    critics, and every `policy_delay` calls the actor and the targets (Alg. 1). No host round-trip inside.
     The buffer is only read here (inserting is its own donated call): XLA would otherwise copy the
     whole buffer on every step."""
 
@@ -351,7 +353,7 @@ def make_update(args: Args, act_dim: int, sharding=None):
     def update_seeds(agent: Agent, buf: ReplayBuffer):
         # Every seed is at the same update, so the policy delay is decided once, outside the vmap: a
         # per-seed predicate would turn lax.cond into a select that runs the actor update every step.
-        do_actor = (agent.updates[0] + 1) % args.policy_frequency == 0
+        do_actor = (agent.updates[0] + 1) % args.policy_delay == 0
         return seed_map(update, args.num_seeds, in_axes=(0, 0, None))(agent, buf, do_actor)
 
     # The agent is not donated: with its buffers aliased to the outputs, XLA copies the weights and Adam moments
@@ -379,6 +381,7 @@ def make_act(args: Args, actor_apply, act_dim: int, num_seeds: int):
 
 ALGO = "flowrl"
 MODEL_CONFIG = ("env_id", "hidden_dim", "flow_steps", "integrator")  # what --eval-only needs to rebuild the actor
+RENAMED = {"policy_frequency": "policy_delay"}  # arguments of older checkpoints under their names now
 
 
 def load_actor(args: Args, obs_dim: int, act_dim: int, raw: dict):
@@ -418,15 +421,13 @@ def train(args: Args, resume=None) -> dict:
 
 
 def main(argv=None) -> int:
-    import tyro
-
     args = tyro.cli(Args, args=argv)
     with ExitStatus(__file__) as status:
         check_args(args)
         if args.eval_only:
             eval_only(args, ALGO, MODEL_CONFIG, load_actor)
         else:
-            train(args, prepare_resume(args, ALGO, MODEL_CONFIG, check_args) if args.resume else None)
+            train(args, prepare_resume(args, ALGO, MODEL_CONFIG, check_args, RENAMED) if args.resume else None)
     return status.code
 
 

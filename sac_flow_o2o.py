@@ -28,13 +28,14 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Literal, Optional
+from typing import Annotated, Callable, Literal, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tyro
 from flax import struct
 from flax.training.train_state import TrainState
 
@@ -79,7 +80,7 @@ class Args:
     """action chunk length H: the actor emits H actions, executed open-loop; the critics score chunks by H-step returns"""
     batch_size: int = 256
     """chunks per gradient step"""
-    lr: float = 3e-4
+    learning_rate: Annotated[float, tyro.conf.arg(aliases=("--lr",))] = 3e-4
     """Adam learning rate (default betas) of the actor, the critics and log alpha"""
     gamma: float = 0.99
     """discount factor (gamma^H between chunks)"""
@@ -175,7 +176,7 @@ def check_args(args: Args) -> None:
     """Refuse impossible settings with one line, before anything is built."""
     if args.dataset is None:
         raise ConfigError("--dataset is required: an OGBench .npz or a Robomimic .hdf5 (benchmarks/make_dataset.py makes one)")
-    check_ranges(args, positive=["horizon", "batch_size", "lr", "n_critics", "critic_width", "critic_depth", "hidden_dim",
+    check_ranges(args, positive=["horizon", "batch_size", "learning_rate", "n_critics", "critic_width", "critic_depth", "hidden_dim",
                                  "d_model", "n_heads", "n_layers", "flow_steps", "noise_std", "act_noise_std", "alpha",
                                  "eval_every", "log_every"],
                  nonnegative=["offline_steps", "online_steps", "learning_starts", "eval_episodes", "bc_weight",
@@ -495,7 +496,7 @@ def create_agent(args: Args, obs_dim: int, chunk_dim: int, key) -> Agent:
     velocity, critics = make_velocity(args, chunk_dim), make_critics(args)
     k_actor, k_critic, key = jax.random.split(key, 3)
     s, a, t = jnp.zeros((1, obs_dim)), jnp.zeros((1, chunk_dim)), jnp.zeros((1, 1))
-    adam = optax.adam(args.lr)
+    adam = optax.adam(args.learning_rate)
     as_array = lambda ts: ts.replace(step=jnp.zeros((), jnp.int32))  # one compiled signature from the start
     actor = as_array(TrainState.create(apply_fn=velocity.apply, params=velocity.init(k_actor, s, a, t), tx=adam))
     critic = as_array(TrainState.create(apply_fn=critics.apply, params=critics.init(k_critic, s, a), tx=adam))
@@ -746,8 +747,6 @@ def train(args: Args) -> dict:
 
 
 def main(argv=None) -> int:
-    import tyro
-
     args = tyro.cli(Args, args=argv)
     name = os.path.basename(__file__)
     try:

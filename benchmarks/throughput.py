@@ -160,7 +160,7 @@ def alternate_cycles(updates: dict, agents: dict, buf, cycles: int, delay: int):
 
 
 def _policy_delay(args) -> int:
-    return getattr(args, "policy_frequency", getattr(args, "policy_delay", 1))
+    return getattr(args, "policy_delay", 1)
 
 
 def filled_buffer(args, obs_dim: int, act_dim: int, n: int):

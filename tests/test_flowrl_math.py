@@ -150,7 +150,7 @@ def leaves(tree):
 
 
 def test_update_schedule_actor_and_targets_every_second_step():
-    args = small_args(policy_frequency=2, tau=0.95)
+    args = small_args(policy_delay=2, tau=0.95)
     agent = F.create_agent(args, 3, 2, jax.random.PRNGKey(0))
     buf = filled_buffer()
     update = one_seed_update(args, 2)
@@ -180,7 +180,7 @@ def test_per_sample_weighting_changes_the_actor_update():
     buf = filled_buffer()
     grads = {}
     for mode in ("batch", "sample"):
-        args = small_args(policy_frequency=1, cfm_weighting=mode)
+        args = small_args(policy_delay=1, cfm_weighting=mode)
         agent = F.create_agent(args, 3, 2, jax.random.PRNGKey(0))
         agent, _ = one_seed_update(args, 2)(agent, buf)
         grads[mode] = np.concatenate([np.ravel(x) for x in leaves(agent.actor.params)])
@@ -189,7 +189,7 @@ def test_per_sample_weighting_changes_the_actor_update():
 
 def test_critic_learns_a_constant_reward_at_termination():
     # every transition terminates with reward 1: Q^pi and Q^beta* must both go to 1, V (expectile of Q^beta*) too
-    args = small_args(learning_rate=3e-3, policy_frequency=1, tau=0.95)
+    args = small_args(learning_rate=3e-3, policy_delay=1, tau=0.95)
     buf = buffer_init(64, 3, 2)
     rng = np.random.default_rng(0)
     for _ in range(64):

@@ -415,7 +415,7 @@ def test_decoded_two_phase_run_shifts_robomimic_rewards_grows_the_buffer_and_sto
 def test_pretraining_fits_the_demonstrations(velocity, data_dir):
     small = {"gated": dict(hidden_dim=64, time_emb_dim=16), "decoded": dict(d_model=32, n_heads=2, n_layers=1)}[velocity]
     args = dataclasses.replace(O.Args(), dataset=str(data_dir / "hopper.npz"), env_id="Hopper-v4", velocity=velocity,
-                               schedule="two-phase", batch_size=128, lr=1e-3, critic_width=16, critic_depth=1, **small)
+                               schedule="two-phase", batch_size=128, learning_rate=1e-3, critic_width=16, critic_depth=1, **small)
     data = load_dataset(args.dataset, "Hopper-v4")
     H, A = args.horizon, 3
     buf = sequence_buffer(data, len(data["obs"]))

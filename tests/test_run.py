@@ -219,3 +219,18 @@ def test_track_without_wandb_is_refused_in_one_line(script, tmp_path, monkeypatc
     err = capsys.readouterr().err.strip()
     assert err == f"{script}.py: error: --track logs to Weights & Biases, which is not installed here: pip install wandb"
     assert not os.path.exists(tmp_path / "runs")
+
+
+def test_an_older_checkpoints_argument_is_read_under_its_new_name(monkeypatch):
+    import common.checkpoint as C
+    import flowrl_jax
+
+    saved = {k: v for k, v in vars(flowrl_jax.Args()).items() if k != "policy_delay"}
+    saved["policy_frequency"] = 5  # FlowRL's name for it before 2026-12
+    monkeypatch.setattr(C, "load_training_checkpoint", lambda path, algo: (path, {"args": dict(saved), "step": 0}))
+    args = flowrl_jax.Args(resume="runs/x")
+    C.read_resume(args, "flowrl", flowrl_jax.Args(), flowrl_jax.RENAMED)
+    assert args.policy_delay == 5
+    args = flowrl_jax.Args(resume="runs/x", policy_delay=3)  # a new value that contradicts the saved one: refused
+    with pytest.raises(ConfigError, match="--policy-delay 3 contradicts --resume's 5"):
+        C.read_resume(args, "flowrl", flowrl_jax.Args(), flowrl_jax.RENAMED)
