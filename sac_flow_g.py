@@ -9,7 +9,7 @@ sigma from the observation, log pi in the env's action units); flags give the ot
 
 | paper | what | here |
 |---|---|---|
-| Eq. 6 | v = z * (h - x), z = sigmoid(g(s, x, t)), gate bias 5 | GatedVelocity (ObsDense), TimeEmbedding |
+| Eq. 6 | v = z * (h - x), z = sigmoid(g(s, x, t)), gate bias 5 | GatedVelocity, TimeEmbedding |
 | Fig. 9 | naive flow, a plain MLP velocity (--velocity mlp) | MLPVelocity |
 | Eq. 4, 13 | the K-step noise-augmented rollout | flow_rollout, step_std, FlowPolicy |
 | Eq. 13-14 | plain drift b = v, or the marginal-preserving drift | plain_drift, marginal_drift |
@@ -172,27 +172,6 @@ class TimeEmbedding(nn.Module):
         return nn.Dense(self.dim)(nn.swish(nn.Dense(2 * self.dim)(sinusoidal_embedding(t, self.dim))))
 
 
-class ObsDense(nn.Module):
-    """nn.Dense on [s, rest] (the same kernel, bias and initialisation), but with `split` written as
-    s W_s + (rest W_rest + b). Within one rollout s is the same at every flow step, so s W_s is the
-    same product K times, which XLA merges into one: on Humanoid (376 of the 425 inputs) the rollout
-    without gradient (acting, the critic target) costs half the FLOPs. Not in the actor loss's rollout
-    with batch renorm (the default), whose r and d move with the running statistics at every step, so
-    the normalised s differs between steps: there one product over the concatenation."""
-
-    features: int
-    split: bool
-
-    @nn.compact
-    def __call__(self, s, rest):
-        n_obs = s.shape[-1]
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (n_obs + rest.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        if self.split:
-            return s @ kernel[:n_obs] + (rest @ kernel[n_obs:] + bias)
-        return jnp.concatenate([s, rest], axis=-1) @ kernel + bias
-
-
 class GatedVelocity(nn.Module):
     """Flow-G (Eq. 6): z = sigmoid(g(u, t)), h = c(u, t), v = z * (h - x), u = [s, x].
 
@@ -209,9 +188,8 @@ class GatedVelocity(nn.Module):
     @nn.compact
     def __call__(self, s, x, t):
         s, x_in = (s, x) if self.norm is None else self.norm(s, x)  # [s, x] normalised, returned as two parts
-        rest = jnp.concatenate([x_in, TimeEmbedding(self.time_emb_dim)(t)], axis=-1)
-        split = self.norm is None or not self.norm.train  # s (normalised) the same at every step: see ObsDense
-        hidden = lambda name: nn.swish(ObsDense(self.hidden_dim, split, name=name)(s, rest))
+        features = jnp.concatenate([s, x_in, TimeEmbedding(self.time_emb_dim)(t)], axis=-1)
+        hidden = lambda name: nn.swish(nn.Dense(self.hidden_dim, name=name)(features))
         gate_logit = nn.Dense(self.act_dim, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.constant(5.0),
                               name="gate_out")(hidden("gate_hidden"))
         z = nn.sigmoid(gate_logit)

@@ -17,11 +17,10 @@ def renorm_train(x, scale, bias, ra_mean, ra_var, renorm, epsilon: float, r_max:
     r = clip(sigma_B / sigma_run, 1/r_max, r_max) and d = clip((mu_B - mu_run) / sigma_run, -d_max, d_max)
     held constant in the gradient (r = 1, d = 0 while `renorm` is False). Its gradient is written out
     (`_renorm_train_bwd`) rather than left to autodiff: the same function, but two reductions over x in
-    the backward pass instead of autodiff's chain through mean, var and sqrt (about five per layer);
-    in a traced critic update on the CPU the batch-renorm kernels went from 30 to 14 ms. Both passes
+    the backward pass instead of autodiff's chain through mean, var and sqrt (about five per layer), which
+    halved the batch-renorm kernels' time in a traced critic update (docs/performance.md). Both passes
     fold the per-feature factors first (gain = scale r / sigma_B), so that an element costs a
-    subtraction and a multiply-add, no division: dividing every element made the forward pass over a
-    critic's 2 x 1024 x 1024 activations 1.7x slower on the CPU (2.4 against 1.4 ms)."""
+    subtraction and a multiply-add, no division."""
     return _renorm_train_fwd(x, scale, bias, ra_mean, ra_var, renorm, epsilon, r_max, d_max)[0]
 
 

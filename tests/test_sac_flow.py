@@ -391,25 +391,6 @@ def test_updates_with_the_written_out_renorm_gradient_equal_autodiffs(module, mo
     assert int(ours.critic.batch_stats["VmapQNetwork_0"]["BatchRenorm_1"]["calls"][0, 0]) == 3
 
 
-class UnsplitObsDense(G.ObsDense):
-    """Flow-G's hidden layers as one product over [s, rest] in every mode (the layer before ObsDense split it)."""
-
-    @nn.compact
-    def __call__(self, s, rest):
-        x = jnp.concatenate([s, rest], -1)
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
-        return x @ kernel + self.param("bias", nn.initializers.zeros, (self.features,))
-
-
-def test_flow_g_updates_with_the_observation_product_once_equal_the_unsplit_ones(monkeypatch):
-    # The speed issue's check for ObsDense: three updates (critic targets from the rollout without gradient,
-    # the third also the actor) with s W_s merged across flow steps and with one product per step give the
-    # same losses, gradient norms and critics to float32 rounding.
-    split, split_info = small_updates(G, monkeypatch, ObsDense=G.ObsDense)
-    unsplit, unsplit_info = small_updates(G, monkeypatch, ObsDense=UnsplitObsDense)
-    assert_same_updates(split, split_info, unsplit, unsplit_info)
-
-
 class NormThenDense(nn.Module):
     """BatchRenorm then a Dense on [s, a], as the critic's input layer: `folded` as the scripts write it
     (BatchRenorm(affine=False) + NormedDense, s and a as parts in eval mode), else as the layer before it."""
@@ -615,26 +596,6 @@ def test_flow_g_actor_batch_renormalises_obs_and_x_per_step(train):
     np.testing.assert_allclose(np.asarray(new_stats["mean"]), mean, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(new_stats["var"]), var, rtol=1e-4, atol=1e-5)
     assert int(new_stats["calls"]) == (args.flow_steps if train else 0)
-
-
-def test_flow_g_rollout_without_gradient_multiplies_the_observation_once():
-    # ObsDense: acting and the critic target (running statistics) write the hidden layers as s W_s + rest W_rest,
-    # so that XLA merges the K identical s W_s: each further flow step then costs far less than the
-    # observation's product. The actor loss's rollout (batch statistics, s differs per step) keeps one product.
-    obs_dim, act_dim, B = 64, 2, 32
-    s = jnp.ones((B, obs_dim))
-    obs_product = 2 * (2 * B * obs_dim * 8)  # gate and candidate hidden layers, hidden_dim 8, per step
-
-    def flops(steps, train):
-        policy = G.FlowPolicy(small_g_args(flow_steps=steps), act_dim, train=train)
-        variables = policy.init(jax.random.PRNGKey(0), s, jax.random.PRNGKey(1))
-        fn = jax.jit(lambda v: policy.apply(v, s, jax.random.PRNGKey(1), mutable=["batch_stats"])[0][:2])
-        cost = fn.lower(variables).compile().cost_analysis()
-        return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
-
-    per_step = {train: (flops(4, train) - flops(1, train)) / 3 for train in (True, False)}
-    assert per_step[True] > obs_product  # the test can tell: the unsplit rollout pays it every step
-    assert per_step[False] < 0.5 * obs_product
 
 
 def test_flow_g_log_std_head_reads_the_observation_alone():
