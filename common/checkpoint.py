@@ -30,7 +30,7 @@ from common.seeds import per_seed, stack_seeds
 
 MAGIC = b"FLOWCKPT"
 HEADER = struct.Struct("<8sQI")  # magic, payload bytes, CRC-32 of the payload
-FORMAT = 2  # 2: training checkpoints carry a leading seed axis (--num-seeds); 1 is read and upgraded
+FORMAT = 2  # 2: training checkpoints carry a leading seed axis (--num-seeds); earlier files are refused
 
 
 def write_atomic(path: str, payload: dict) -> None:
@@ -68,7 +68,8 @@ def read_container(path: str, flag: str) -> dict:
     except OSError as e:
         raise ConfigError(f"cannot read {flag} {path!r}: {e.strerror}") from None
     if blob[:len(MAGIC)] != MAGIC:
-        return _read_legacy_model(blob, path, flag)
+        raise ConfigError(f"{flag} {path!r} is corrupt or not a file these scripts wrote (model files from before "
+                          "2026-11, bare msgpack, are no longer read: use the version that wrote them)")
     if len(blob) < HEADER.size:
         raise ConfigError(f"{flag} {path!r} is truncated (a {len(blob)}-byte header)")
     _, length, crc = HEADER.unpack_from(blob)
@@ -79,33 +80,14 @@ def read_container(path: str, flag: str) -> dict:
         raise ConfigError(f"{flag} {path!r} is corrupt (its checksum does not match)")
     try:
         state = serialization.msgpack_restore(bytes(payload))
-        if not isinstance(state, dict) or state.get("format") not in (1, FORMAT):
+        if not isinstance(state, dict) or "format" not in state:
             raise ValueError
     except Exception:
         raise ConfigError(f"{flag} {path!r} is not a checkpoint of this version of the scripts") from None
-    if state["format"] == 1 and state.get("kind") == "train":
-        state = _add_seed_axis(state)
+    if state["format"] != FORMAT:
+        raise ConfigError(f"{flag} {path!r} has checkpoint format {state['format']} (this version reads {FORMAT}; format 1, "
+                          "from before --num-seeds, is no longer read): use the version that wrote it")
     return state
-
-
-def _add_seed_axis(state: dict) -> dict:
-    """A format-1 training checkpoint (one seed, no seed axis) as the one-seed run it is."""
-    to_axis = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(x)[None], tree)
-    meta = dict(state["meta"], last_return=[state["meta"].get("last_return", float("nan"))])
-    return {**state, "format": FORMAT, "args": {**state["args"], "num_seeds": 1}, "state": to_axis(state["state"]),
-            "buffer": None if state["buffer"] is None else [state["buffer"]], "env": [state["env"]],
-            "obs": np.asarray(state["obs"])[None], "meta": meta}
-
-
-def _read_legacy_model(blob: bytes, path: str, flag: str) -> dict:
-    """Model files written before the container existed: bare msgpack {"algo", "config", "params"}."""
-    try:
-        state = serialization.msgpack_restore(blob)
-        if not (isinstance(state, dict) and {"algo", "config", "params"} <= state.keys()):
-            raise ValueError
-    except Exception:
-        raise ConfigError(f"{flag} {path!r} is corrupt or not a checkpoint written by these scripts") from None
-    return {**state, "kind": "model"}
 
 
 def check_algo(state: dict, algo: str, path: str, flag: str) -> None:

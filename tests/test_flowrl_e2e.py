@@ -74,19 +74,24 @@ def test_corrupt_or_foreign_checkpoint_is_refused(tmp_path):
 
     from flax import serialization
 
+    from common.checkpoint import save_model
+
     foreign = tmp_path / "foreign.msgpack"
-    foreign.write_bytes(serialization.msgpack_serialize({"algo": "sac_flow_g", "config": {}, "params": {}}))
+    save_model(str(foreign), "sac_flow_g", {}, {})
     check_refused(tmp_path, ["--eval-only", "--checkpoint", str(foreign)], "was written by sac_flow_g, not flowrl")
 
     truncated = tmp_path / "truncated.msgpack"
-    good = serialization.msgpack_serialize({"algo": "flowrl", "config": {"env_id": "Hopper-v4", "hidden_dim": 8, "flow_steps": 1,
-                                                                         "integrator": "midpoint"}, "params": {"actor": {}}})
-    truncated.write_bytes(good[: len(good) // 2])
-    check_refused(tmp_path, ["--eval-only", "--checkpoint", str(truncated)], "corrupt")
-
     empty_actor = tmp_path / "empty.msgpack"
-    empty_actor.write_bytes(good)
+    save_model(str(empty_actor), "flowrl", {"env_id": "Hopper-v4", "hidden_dim": 8, "flow_steps": 1, "integrator": "midpoint"},
+               {"actor": {}})
+    good = empty_actor.read_bytes()
+    truncated.write_bytes(good[: len(good) // 2])
+    check_refused(tmp_path, ["--eval-only", "--checkpoint", str(truncated)], "truncated")
     check_refused(tmp_path, ["--eval-only", "--checkpoint", str(empty_actor)], "does not fit this network")
+
+    bare = tmp_path / "bare.msgpack"  # a model file of the format before the checkpoint container
+    bare.write_bytes(serialization.msgpack_serialize({"algo": "flowrl", "config": {}, "params": {}}))
+    check_refused(tmp_path, ["--eval-only", "--checkpoint", str(bare)], "bare msgpack, are no longer read")
 
 
 def test_same_seed_same_run(tmp_path):

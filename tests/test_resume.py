@@ -234,14 +234,14 @@ def test_unwritable_output_folder_is_refused(tmp_path, monkeypatch, capsys):
 
 def test_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "c.ckpt")
-    write_atomic(path, {"format": 1, "value": 1})
+    write_atomic(path, {"format": 2, "value": 1})
 
     def crash(*_):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError):
-        write_atomic(path, {"format": 1, "value": 2})
+        write_atomic(path, {"format": 2, "value": 2})
     monkeypatch.undo()
     assert read_container(path, "test")["value"] == 1
     assert os.listdir(tmp_path) == ["c.ckpt"]  # no temp file left behind

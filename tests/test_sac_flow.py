@@ -749,10 +749,10 @@ def test_bad_input_as_a_user_sees_it(tmp_path, script, args, fragment):
 
 
 def test_checkpoint_of_the_other_script_is_refused(tmp_path, monkeypatch, capsys):
-    from flax import serialization
+    from common.checkpoint import save_model
 
     foreign = tmp_path / "g.msgpack"
-    foreign.write_bytes(serialization.msgpack_serialize({"algo": "sac_flow_g", "config": {}, "params": {}}))
+    save_model(str(foreign), "sac_flow_g", {}, {})
     monkeypatch.chdir(tmp_path)
     assert T.main(["--eval-only", "--checkpoint", str(foreign)]) == 2
     assert "was written by sac_flow_g, not sac_flow_t" in capsys.readouterr().err

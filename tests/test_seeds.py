@@ -129,8 +129,8 @@ def test_many_seed_run_resumes_bit_identically(tmp_path, monkeypatch, name):
     run(module, ["--resume", pieces, "--num-seeds", "3", "--total-timesteps", "500", "--no-progress"], code=2)
 
 
-def test_a_format_1_checkpoint_reads_as_a_one_seed_run(tmp_path, monkeypatch):
-    """Checkpoints written before --num-seeds had no seed axis; they read as one-seed runs."""
+def test_a_format_1_checkpoint_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    """Checkpoints written before --num-seeds had no seed axis: refused, saying which version reads them."""
     module = importlib.import_module("flowrl_jax")
     monkeypatch.chdir(tmp_path)
     run(module, SHORT + TINY["flowrl_jax"] + ["--exp-name", "now"])
@@ -140,7 +140,10 @@ def test_a_format_1_checkpoint_reads_as_a_one_seed_run(tmp_path, monkeypatch):
            "state": jax.tree_util.tree_map(lambda x: np.asarray(x)[0], now["state"]), "buffer": now["buffer"][0],
            "env": now["env"][0], "obs": now["obs"][0], "meta": {**now["meta"], "last_return": now["meta"]["last_return"][0]}}
     write_atomic(str(tmp_path / "old.ckpt"), old)
-    assert_same_tree(read_container(str(tmp_path / "old.ckpt"), "test"), now)
+    capsys.readouterr()
+    run(module, ["--resume", str(tmp_path / "old.ckpt")], code=2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has checkpoint format 1 (this version reads 2" in err[0], err
 
 
 def test_eval_only_picks_the_agent_of_seed(tmp_path, monkeypatch, capsys):
