@@ -22,6 +22,18 @@ TINY = {
 }
 
 
+def fill(buf, values):
+    """A replay buffer (common.buffer) after adding a transition per value v: obs v, action v, reward v, next obs v + 0.5."""
+    import numpy as np
+
+    from common.buffer import buffer_add
+
+    for v in values:
+        o = np.full(buf.obs.shape[1], v, np.float32)
+        buf = buffer_add(buf, o, np.full(buf.actions.shape[1], v, np.float32), np.float32(v), o + 0.5, np.float32(0))
+    return buf
+
+
 def run_script(script: str, args: list[str], cwd: str, timeout: int = 600, env=None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONWARNINGS="ignore", MUJOCO_GL="egl", **(env or {}))
     env.pop("WANDB_SERVICE", None)  # a wandb service an in-process test started is not the script's

@@ -8,13 +8,7 @@ import pytest
 
 from common.buffer import buffer_add, buffer_init, buffer_sample
 from common.env import ConfigError, check_env_id, env_step, make_env
-
-
-def fill(buf, values):
-    for v in values:
-        o = np.full(buf.obs.shape[1], v, np.float32)
-        buf = buffer_add(buf, o, np.full(buf.actions.shape[1], v, np.float32), np.float32(v), o + 0.5, np.float32(0))
-    return buf
+from helpers import fill
 
 
 def test_buffer_wraps_around_and_overwrites_the_oldest():

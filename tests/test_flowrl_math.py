@@ -9,6 +9,7 @@ import pytest
 
 import flowrl_jax as F
 from common.buffer import buffer_add, buffer_init
+from helpers import fill
 
 
 def test_expectile_loss_by_hand():
@@ -77,13 +78,6 @@ def filled_buffer(obs_dim=3, act_dim=2, n=40, seed=0):
     for i in range(n):
         buf = buffer_add(buf, rng.normal(size=obs_dim).astype(np.float32), rng.uniform(-1, 1, act_dim).astype(np.float32),
                          np.float32(rng.normal()), rng.normal(size=obs_dim).astype(np.float32), np.float32(i % 7 == 0))
-    return buf
-
-
-def fill(buf, values):
-    for v in values:
-        o = np.full(buf.obs.shape[1], v, np.float32)
-        buf = buffer_add(buf, o, np.full(buf.actions.shape[1], v, np.float32), np.float32(v), o + 0.5, np.float32(0))
     return buf
 
 

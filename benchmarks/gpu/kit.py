@@ -90,6 +90,25 @@ def write_json(path: str, data) -> None:
     os.replace(path + ".tmp", path)
 
 
+def started(cmd: list[str], cwd: str, **env) -> tuple:
+    """A script started in `cwd` (created) with its output to cwd/log.txt: (process, log file)."""
+    os.makedirs(cwd)
+    log = open(os.path.join(cwd, "log.txt"), "w")
+    return subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=child_env(**env)), log
+
+
+def finished(proc, log, cwd: str, timeout: float) -> str:
+    """Wait up to `timeout` seconds for a started script (then kill it); the end of its log."""
+    try:
+        proc.wait(timeout=max(1.0, timeout))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log.close()
+    with open(os.path.join(cwd, "log.txt")) as f:
+        return f.read()[-800:]
+
+
 def child_env(**extra) -> dict:
     """The environment of the kit's processes: warnings off, output unbuffered, and `extra`: where several share
     one GPU, XLA_PYTHON_CLIENT_PREALLOCATE=false (JAX otherwise takes three quarters of its memory in the first)."""
@@ -180,20 +199,10 @@ def phase0(args, mode: dict, work: str) -> dict:
     procs = {}
     for name, cmd in phase0_commands(mode, args.smoke, work0).items():
         cwd = os.path.join(work0, name)
-        os.makedirs(cwd)
-        log = open(os.path.join(cwd, "log.txt"), "w")
-        procs[name] = (subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                                        env=child_env(XLA_PYTHON_CLIENT_PREALLOCATE="false")), log, cwd, time.time())
+        procs[name] = (*started(cmd, cwd, XLA_PYTHON_CLIENT_PREALLOCATE="false"), cwd, time.time())
     deadline = time.time() + mode["p0_timeout"]
     for name, (proc, log, cwd, t0) in procs.items():
-        try:
-            proc.wait(timeout=max(1.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        with open(os.path.join(cwd, "log.txt")) as f:
-            tail = f.read()[-600:]
+        tail = finished(proc, log, cwd, deadline - time.time())
         starts = mode["p0"][1] // (2 if name == "sac_flow_o2o" else 1)
         row = check_run(name, cwd, proc.returncode, starts, tail)
         row["wall_s"] = time.time() - t0
@@ -386,16 +395,13 @@ def phase2(args, mode: dict, work: str, info: dict, deadline: float) -> dict:
     procs = {}
     for name in LEARNING:
         cwd = os.path.join(work2, name)
-        os.makedirs(cwd)
         extra = []
         if args.smoke:
             extra = [*flags(SMOKE_SIZES[name]), "--learning-starts", str(mode["p1_starts"]), "--eval-every", "200",
                      "--eval-episodes", "1", "--log-every", "40", "--buffer-size", str(mode["p1_buffer"])]
         cmd = [sys.executable, os.path.join(ROOT, f"{name}.py"), "--env-id", task, "--num-seeds", str(seeds),
                "--no-progress", "--checkpoint-every", "0", "--no-checkpoint-buffer", *extra]
-        log = open(os.path.join(cwd, "log.txt"), "w")
-        procs[name] = (subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                                        env=child_env(XLA_PYTHON_CLIENT_PREALLOCATE="false")), log, cwd, cmd)
+        procs[name] = (*started(cmd, cwd, XLA_PYTHON_CLIENT_PREALLOCATE="false"), cwd, cmd)
     start = time.time()
     deadline = min(deadline, start + mode["p2_duration"])
     print(f"phase 2: {', '.join(LEARNING)} on {task}, {seeds} seeds each, for {deadline - start:.0f} s", flush=True)
@@ -406,14 +412,7 @@ def phase2(args, mode: dict, work: str, info: dict, deadline: float) -> dict:
             proc.send_signal(signal.SIGTERM)  # the scripts finish the step, checkpoint and stop
     result = {"machine": info, "env_id": task, "num_seeds": seeds, "runs": {}}
     for name, (proc, log, cwd, cmd) in procs.items():
-        try:
-            proc.wait(timeout=mode["p2_grace"])
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        with open(os.path.join(cwd, "log.txt")) as f:
-            tail = f.read()[-800:]
+        tail = finished(proc, log, cwd, mode["p2_grace"])
         per_seed = {}
         for run_dir in sorted(glob.glob(os.path.join(cwd, "runs", "*"))):
             if not os.path.isdir(run_dir) or not glob.glob(os.path.join(run_dir, "events.out.tfevents.*")):
