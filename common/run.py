@@ -46,7 +46,6 @@ from common.seeds import check_buffer_memory, per_seed, seed_map, seed_sharding
 from common.tracking import RunWriter
 
 
-
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep the memory that XLA frees, so that the next update reuses it.
 
