@@ -5,6 +5,10 @@ The actor is a K-step flow rollout over a whole action chunk of H actions, x_{k+
 + noise, chunk = tanh(x_K), with Flow-G's gated velocity or Flow-T's decoded velocity (--velocity). The
 chunk is executed open-loop; the critics score (s_t, a_{t:t+H}) by H-step returns (QC-FQL's layout).
 
+The run's steps are the --offline-steps gradient steps on the dataset, then the --total-timesteps online env steps
+(step offline_steps + j is env step j): logs, evaluations, checkpoints and --resume count them so, and
+--num-seeds trains several agents at once (common/run.py, as the from-scratch scripts).
+
 Schedule (--schedule; the default is the authors' main_action_reg_three_phase.py):
   three-phase  offline, each step on one batch: critics + Eq. 3, then critics + Eq. 12 + alpha with the
                offline BC weight; online, each step: critics + Eq. 12 + alpha with the online BC weight
@@ -18,7 +22,7 @@ Schedule (--schedule; the default is the authors' main_action_reg_three_phase.py
 | Eq. 13 | noise-augmented rollout, fixed noise sigma_k sqrt(dt) = --noise-std | flow_rollout, make_sampler |
 | Eq. 15 | path log-density log pi = log N(x_0) + sum_k log N(x_{k+1}; mean_k, std_k) - log|da/dx_K| | path_log_prob (gaussian_log_prob, tanh_log_det) |
 | Eq. 12 | actor: beta ||a_pi - a_data||^2 + mean(alpha log pi - mean_i Q_i(s, a_pi)) | bc_loss, eq12_step |
-| H-step TD | y = sum_k gamma^k r_{t+k} + gamma^H (1 - done) (mean_i Q'_i(s_{t+H}, a') - alpha log pi(a'|s_{t+H})) | chunk_td_loss (chunks: common/buffer.py sample_chunks) |
+| H-step TD | y = sum_k gamma^k r_{t+k} + gamma^H (1 - done) (mean_i Q'_i(s_{t+H}, a') - alpha log pi(a'|s_{t+H})) | chunk_td_loss (chunks: sample_chunks) |
 | alpha | authors: alpha (mean log pi - target); Eq. 24: alpha (-mean log pi - target) | alpha_loss |
 """
 
@@ -26,9 +30,8 @@ from __future__ import annotations
 
 import os
 import sys
-import time
-from dataclasses import asdict, dataclass
-from typing import Annotated, Callable, Literal, Optional
+from dataclasses import dataclass
+from typing import Annotated, Callable, Literal, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -39,32 +42,30 @@ import tyro
 from flax import struct
 from flax.training.train_state import TrainState
 
-from common.buffer import SequenceBuffer, sample_chunks, sequence_add, sequence_buffer
-from common.checkpoint import Diverged, StopOnSignal, check_metrics, finite_flags
+from common.args import RunArgs
+from common.checkpoint import finite_flags, restore_tree
 from common.datasets import ROBOMIMIC_ID, load_dataset, robomimic_task
-from common.env import ConfigError, check_env_id, check_ranges, evaluate_chunks, make_env, seed_everything
-from common.run import keep_freed_memory
-from common.tracking import RunWriter, check_tracking
+from common.env import ConfigError, check_ranges, check_run_args, next_actions
+from common.run import ExitStatus, TrainingRun, eval_only, prepare_resume
+from common.seeds import seed_map
 
 
 @dataclass
-class Args:
-    """SAC Flow offline-to-online (Flow-G or Flow-T velocity): pretrain on --dataset, then fine-tune online."""
+class Args(RunArgs):
+    """SAC Flow offline-to-online (Flow-G or Flow-T velocity): pretrain on --dataset, then fine-tune online; its
+    hyperparameters after the run flags of common/args.py."""
 
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment (part of the run name, with the velocity)"""
-    seed: int = 1
-    """seed of the environments, numpy and JAX"""
-    track: bool = False
-    """also log to Weights & Biases (needs `pip install wandb`; offline: WANDB_MODE=offline)"""
-    wandb_project_name: str = "flow-rl-jax"
-    """the wandb project, with --track"""
-    wandb_entity: Optional[str] = None
-    """the wandb entity (team or user), with --track; None: your default entity"""
     env_id: str = "cube-double-singletask-task2-v0"
     """the online env: an OGBench single-task id or a Gymnasium MuJoCo id whose sizes match the dataset"""
+    total_timesteps: Annotated[int, tyro.conf.arg(aliases=("--online-steps",))] = 1_000_000
+    """online env steps, after the --offline-steps (one gradient step each from --learning-starts on; 0: pretraining only)"""
+    eval_every: int = 100_000
+    """evaluate every this many steps (offline steps count first), and at the end of the offline phase"""
+    eval_episodes: int = 50
+    """episodes per evaluation (sampled with --act-noise-std, as acting); 0: no evaluation"""
     dataset: Optional[str] = None
-    """demonstrations (required): an OGBench .npz or a Robomimic low-dim .hdf5 (benchmarks/make_dataset.py writes both)"""
+    """demonstrations (required to train): an OGBench .npz or a Robomimic low-dim .hdf5 (benchmarks/make_dataset.py writes both)"""
     dataset_obs_keys: Optional[tuple[str, ...]] = None
     """Robomimic obs keys concatenated into the observation (default: its low-dim keys, else every key of the file)"""
     schedule: Literal["three-phase", "two-phase"] = "three-phase"
@@ -72,10 +73,9 @@ class Args:
     critics + the Eq. 12 actor loss + alpha on the same batch; two-phase (the paper): offline, critics + flow matching only"""
     offline_steps: int = 1_000_000
     """gradient steps on the dataset alone"""
-    online_steps: int = 1_000_000
-    """online env steps (one gradient step each from --learning-starts on)"""
     learning_starts: int = 5000
-    """online env step of the first online gradient step (the buffer already holds the dataset; the authors' start_training)"""
+    """online env steps before the first online gradient step (the buffer already holds the dataset; the authors'
+    start_training, whose first update comes one step earlier)"""
     horizon: int = 5
     """action chunk length H: the actor emits H actions, executed open-loop; the critics score chunks by H-step returns"""
     batch_size: int = 256
@@ -132,14 +132,6 @@ class Args:
     robomimic_reward_shift: bool = True
     """for a Robomimic task (its env id, or an .hdf5 recorded in robosuite), subtract 1 from every reward, dataset
     and online, as the authors' main.py does ((0, 1) -> (-1, 0)); --no-robomimic-reward-shift keeps them"""
-    eval_every: int = 100_000
-    """evaluate every this many offline steps and online env steps, and at the end of each phase"""
-    eval_episodes: int = 50
-    """episodes per evaluation (sampled with --act-noise-std, as acting); 0: no evaluation"""
-    log_every: int = 1000
-    """write the losses every this many offline steps and online env steps"""
-    progress: bool = True
-    """show a progress bar on the terminal"""
 
 
 # The paper's Table 4 (Flow-G and Flow-T columns): beta of Eq. 12 per task family, (offline, online). Robomimic's
@@ -174,25 +166,21 @@ def bc_weights(args: Args, family: Optional[str]) -> tuple[float, float, str]:
 
 def check_args(args: Args) -> None:
     """Refuse impossible settings with one line, before anything is built."""
-    if args.dataset is None:
+    if args.dataset is None and not (args.resume or args.eval_only):
         raise ConfigError("--dataset is required: an OGBench .npz or a Robomimic .hdf5 (benchmarks/make_dataset.py makes one)")
-    check_ranges(args, positive=["horizon", "batch_size", "learning_rate", "n_critics", "critic_width", "critic_depth", "hidden_dim",
-                                 "d_model", "n_heads", "n_layers", "flow_steps", "noise_std", "act_noise_std", "alpha",
-                                 "eval_every", "log_every"],
-                 nonnegative=["offline_steps", "online_steps", "learning_starts", "eval_episodes", "bc_weight",
-                              "online_bc_weight"])
+    check_ranges(args, positive=["horizon", "learning_rate", "n_critics", "critic_width", "critic_depth", "hidden_dim",
+                                 "d_model", "n_heads", "n_layers", "flow_steps", "noise_std", "act_noise_std", "alpha"],
+                 nonnegative=["offline_steps", "bc_weight", "online_bc_weight"], unit=["gamma"])
     if args.time_emb_dim < 4 or args.time_emb_dim % 2:
         raise ConfigError(f"--time-emb-dim must be an even number >= 4, got {args.time_emb_dim}")
     if args.d_model < 4 or args.d_model % args.n_heads:
         raise ConfigError(f"--d-model must be at least 4 and a multiple of --n-heads {args.n_heads}, got {args.d_model}")
-    check_ranges(args, unit=["gamma"])
     if not 0.0 < args.tau <= 1.0:
         raise ConfigError(f"--tau must be in (0.0, 1.0], got {args.tau}")
     if ROBOMIMIC_ID.fullmatch(args.env_id):
         raise ConfigError(f"--env-id {args.env_id!r} is a Robomimic task, whose simulator (robosuite) is not wired into this "
                           "script; its .hdf5 runs with a Gymnasium or OGBench --env-id of the same sizes")
-    check_tracking(args)
-    check_env_id(args.env_id, ogbench=True)
+    check_run_args(args)  # the flags all scripts share, and the env id
 
 
 # --- Velocity networks: Flow-G (gated) and Flow-T (decoded), as in sac_flow_g.py / sac_flow_t.py ---
@@ -492,7 +480,8 @@ class Agent:
     key: jax.Array
 
 
-def create_agent(args: Args, obs_dim: int, chunk_dim: int, key) -> Agent:
+def create_agent(args: Args, obs_dim: int, act_dim: int, key) -> Agent:
+    chunk_dim = args.horizon * act_dim
     velocity, critics = make_velocity(args, chunk_dim), make_critics(args)
     k_actor, k_critic, key = jax.random.split(key, 3)
     s, a, t = jnp.zeros((1, obs_dim)), jnp.zeros((1, chunk_dim)), jnp.zeros((1, 1))
@@ -503,6 +492,72 @@ def create_agent(args: Args, obs_dim: int, chunk_dim: int, key) -> Agent:
     log_alpha = as_array(TrainState.create(apply_fn=None, params={"log_alpha": jnp.log(jnp.float32(args.alpha))}, tx=adam))
     return Agent(actor=actor, critic=critic, critic_target=jax.tree_util.tree_map(jnp.array, critic.params),
                  log_alpha=log_alpha, key=key)
+
+
+# --- The chunk buffer: the dataset, then every online transition, in the order they happened ---
+
+
+class ChunkBuffer(NamedTuple):
+    """Transitions in order, with `ends` marking the last transition of each trajectory (episode end, time limit
+    or a dataset's trajectory cut), so that H consecutive rows read as one action chunk. Its capacity holds the
+    dataset and every online step: it never wraps, and `pos` (where the next row goes) equals `size`."""
+
+    obs: jax.Array
+    actions: jax.Array
+    rewards: jax.Array
+    next_obs: jax.Array
+    terminated: jax.Array
+    ends: jax.Array
+    pos: jax.Array
+    size: jax.Array
+
+
+class ChunkBatch(NamedTuple):
+    obs: jax.Array  # (B, obs_dim): s_t
+    actions: jax.Array  # (B, H, act_dim): a_t .. a_{t+H-1}
+    valid: jax.Array  # (B, H): 1 where the action still belongs to s_t's trajectory
+    returns: jax.Array  # (B,): sum_k gamma^k r_{t+k} over the valid steps
+    discount: jax.Array  # (B,): gamma^H, or 0 when the chunk's trajectory terminated
+    next_obs: jax.Array  # (B, obs_dim): s_{t+H}
+    critic_valid: jax.Array  # (B,): 0 when the trajectory was cut (not terminated) before the chunk's last step
+
+
+def chunk_buffer(data: dict, capacity: int) -> ChunkBuffer:
+    """A buffer of `capacity` rows holding the dataset `data` (numpy arrays, load_dataset's fields) first."""
+    n = len(data["obs"])
+
+    def padded(x):
+        x = jnp.asarray(x, jnp.float32)
+        return jnp.zeros((capacity,) + x.shape[1:], jnp.float32).at[:n].set(x)
+
+    fields = (padded(data[k]) for k in ("obs", "actions", "rewards", "next_obs", "terminated", "ends"))
+    return ChunkBuffer(*fields, pos=jnp.asarray(n, jnp.int32), size=jnp.asarray(n, jnp.int32))
+
+
+def chunk_add(buf: ChunkBuffer, obs, action, reward, next_obs, terminated, end) -> ChunkBuffer:
+    i = buf.size
+    return ChunkBuffer(buf.obs.at[i].set(obs), buf.actions.at[i].set(action), buf.rewards.at[i].set(reward),
+                       buf.next_obs.at[i].set(next_obs), buf.terminated.at[i].set(terminated), buf.ends.at[i].set(end),
+                       pos=i + 1, size=i + 1)
+
+
+def sample_chunks(buf: ChunkBuffer, key, batch_size: int, horizon: int, gamma: float) -> ChunkBatch:
+    """Draw `batch_size` chunks of `horizon` consecutive transitions, uniformly over their start.
+
+    The chunk's return stops at the first termination or trajectory end; it bootstraps from s_{t+H}
+    with gamma^H only if it reached its last step without terminating. A chunk whose trajectory was
+    cut without terminating (a time limit, the end of a demonstration) before its last step has no
+    valid target: `critic_valid` is 0 for it."""
+    start = jax.random.randint(key, (batch_size,), 0, buf.size - horizon + 1)
+    idx = start[:, None] + jnp.arange(horizon)
+    term, stop = buf.terminated[idx], jnp.maximum(buf.terminated[idx], buf.ends[idx])
+    # valid[k]: no stop among the steps before k, so step k still follows s_t.
+    valid = jnp.cumprod(jnp.concatenate([jnp.ones((batch_size, 1)), 1.0 - stop[:, :-1]], axis=1), axis=1)
+    returns = jnp.sum(valid * gamma ** jnp.arange(horizon) * buf.rewards[idx], axis=1)
+    terminated = jnp.max(valid * term, axis=1)
+    return ChunkBatch(obs=buf.obs[start], actions=buf.actions[idx], valid=valid, returns=returns,
+                      discount=gamma**horizon * (1.0 - terminated), next_obs=buf.next_obs[idx[:, -1]],
+                      critic_valid=jnp.maximum(valid[:, -1], terminated))
 
 
 # --- Losses and update steps ---
@@ -526,7 +581,7 @@ def alpha_loss(log_alpha, mean_log_pi, target_entropy: float, form: str):
 
 
 def make_steps(args: Args, act_dim: int):
-    """The two gradient steps on a batch of chunks `b` (common/buffer.py's ChunkBatch):
+    """The two gradient steps on a batch of chunks `b` (a ChunkBatch):
     flow_matching_step(agent, b, key) and eq12_step(agent, b, key, bc_weight). Each computes every
     gradient from the parameters before the step, as the authors' one combined loss does (so the actor's
     Q is the critic from before its TD step), then applies them and moves the target critics toward the
@@ -583,14 +638,14 @@ def make_steps(args: Args, act_dim: int):
     return flow_matching_step, eq12_step
 
 
-def make_updates(args: Args, act_dim: int, offline_bc: float, online_bc: float):
-    """The jitted offline and online updates, each drawing its batch of chunks from the device buffer (the
-    agent donated). offline: flow_matching_step, then with --schedule three-phase eq12_step on the same batch
-    (key split: key, batch, flow matching, Eq. 12); online: eq12_step (key split: key, batch, Eq. 12)."""
+def make_updates(args: Args, act_dim: int, offline_bc: float, online_bc: float, sharding=None):
+    """The jitted offline and online updates of every seed, each drawing its batch of chunks from the device
+    buffer (the agent donated). offline: flow_matching_step, then with --schedule three-phase eq12_step on the
+    same batch (key split: key, batch, flow matching, Eq. 12); online: eq12_step (key split: key, batch, Eq. 12)."""
     flow_matching_step, eq12_step = make_steps(args, act_dim)
-    with_flags = lambda info: {**info, "finite": finite_flags(info)}  # for check_metrics
+    with_flags = lambda info: {**info, "finite": finite_flags(info)}  # one flag per metric, for the divergence check
 
-    def offline_update(agent: Agent, buf: SequenceBuffer):
+    def offline_update(agent: Agent, buf: ChunkBuffer):
         key, k_batch, k_fm, k_eq12 = jax.random.split(agent.key, 4)
         b = sample_chunks(buf, k_batch, args.batch_size, args.horizon, args.gamma)
         agent, info = flow_matching_step(agent.replace(key=key), b, k_fm)
@@ -599,27 +654,31 @@ def make_updates(args: Args, act_dim: int, offline_bc: float, online_bc: float):
             info = {**eq12_info, "flow_loss": info["flow_loss"]}  # qf_* of the second critic step, as the authors log
         return agent, with_flags(info)
 
-    def online_update(agent: Agent, buf: SequenceBuffer):
+    def online_update(agent: Agent, buf: ChunkBuffer):
         key, k_batch, k_eq12 = jax.random.split(agent.key, 3)
         b = sample_chunks(buf, k_batch, args.batch_size, args.horizon, args.gamma)
         agent, info = eq12_step(agent.replace(key=key), b, k_eq12, online_bc)
         return agent, with_flags(info)
 
-    return jax.jit(offline_update, donate_argnums=0), jax.jit(online_update, donate_argnums=0)
+    # --debug-nans re-runs a call that made a NaN on its inputs, so they must then be kept.
+    jitted = lambda update: jax.jit(seed_map(update, args.num_seeds), donate_argnums=() if args.debug_nans else 0,
+                                    out_shardings=sharding)
+    return jitted(offline_update), jitted(online_update)
 
 
-def make_act(args: Args, velocity_apply, act_dim: int):
-    """Jitted (params, obs, key) -> (the next H actions, key), sampled with --act-noise-std."""
+# --- Acting and the training loop (the run around it, logs, evaluation, checkpoints: common/run.py) ---
+
+
+def make_act(args: Args, velocity_apply, act_dim: int, num_seeds: int):
+    """Jitted (params, obs, key) -> (each seed's next chunk of H actions, key), all stacked over seeds, sampled
+    with --act-noise-std; the chunk is played open-loop (common/env.py's next_actions)."""
     sample = make_sampler(args, velocity_apply, args.horizon * act_dim)
 
     def act(params, obs, key):
         key, sub = jax.random.split(key)
         return sample(params, obs[None], sub, args.act_noise_std)[0][0].reshape(args.horizon, act_dim), key
 
-    return jax.jit(act)
-
-
-# --- Training: offline steps on the dataset, then online env steps acting in chunks ---
+    return jax.jit(seed_map(act, num_seeds))
 
 
 def prepare_data(args: Args) -> tuple[dict, Optional[str], float]:
@@ -634,134 +693,74 @@ def prepare_data(args: Args) -> tuple[dict, Optional[str], float]:
     return data, robomimic, shift
 
 
-def train(args: Args) -> dict:
-    """TensorBoard steps: offline gradient step i is step i, online env step j is step offline_steps + j."""
-    from tqdm import tqdm
+ALGO = "sac_flow_o2o"
+MODEL_CONFIG = ("env_id", "velocity", "hidden_dim", "time_emb_dim", "d_model", "n_heads", "n_layers", "flow_steps",
+                "horizon", "drift", "act_noise_std")  # what --eval-only needs to rebuild the actor and act as it did
 
+
+def load_actor(args: Args, obs_dim: int, act_dim: int, raw: dict):
+    """For --eval-only: a saved actor's parameters (refused if they do not fit) and its acting function."""
+    velocity, chunk_dim = make_velocity(args, args.horizon * act_dim), args.horizon * act_dim
+    template = velocity.init(jax.random.PRNGKey(0), jnp.zeros((1, obs_dim)), jnp.zeros((1, chunk_dim)), jnp.zeros((1, 1)))
+    return restore_tree(template, raw.get("actor"), args.checkpoint), make_act(args, velocity.apply, act_dim, 1)
+
+
+def train(args: Args, resume=None) -> dict:
+    """Train --num-seeds agents (or continue `resume` = (path, checkpoint) from prepare_resume): --offline-steps
+    updates on the dataset, then --total-timesteps env steps, acting in chunks. Returns a summary. Every array
+    (agent, acting state, buffer, observations) carries a leading seed axis."""
     data, robomimic, shift = prepare_data(args)
     offline_bc, online_bc, bc_source = bc_weights(args, task_family(args.env_id, robomimic))
-    n_data, obs_dim, act_dim = len(data["obs"]), data["obs"].shape[1], data["actions"].shape[1]
-    print(f"{n_data} transitions from {args.dataset}; chunks of {args.horizon} x {act_dim} actions; schedule {args.schedule}; "
-          f"BC weight {offline_bc:g} offline, {online_bc:g} online ({bc_source})"
+    n_data, H = len(data["obs"]), args.horizon
+    print(f"{n_data} transitions from {args.dataset}; chunks of {H} x {data['actions'].shape[1]} actions; schedule "
+          f"{args.schedule}; BC weight {offline_bc:g} offline, {online_bc:g} online ({bc_source})"
           + (f"; Robomimic {robomimic}: rewards shifted by {shift:g}" if robomimic is not None else ""))
-
-    keep_freed_memory()  # the updates' buffers stay mapped between calls (after the dataset's temporaries are gone)
-    k_agent, k_act, k_eval = jax.random.split(seed_everything(args.seed), 3)
-    agent = create_agent(args, obs_dim, args.horizon * act_dim, k_agent)
-    buf = sequence_buffer(data, n_data + args.online_steps)  # never overwrites: the dataset stays in it
-    offline_update, online_update = make_updates(args, act_dim, offline_bc, online_bc)
-    add = jax.jit(sequence_add, donate_argnums=0)
-    act = make_act(args, agent.actor.apply_fn, act_dim)
-    run_dir = os.path.join("runs", f"{args.env_id.replace('/', '_')}__{args.exp_name}-{args.velocity}__{args.seed}__{int(time.time())}")
-    env, eval_env = make_env(args.env_id, args.seed), make_env(args.env_id, args.seed + 10_000)
-    writer = RunWriter(run_dir, args, asdict(args))  # TensorBoard, and wandb with --track
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-
-    def evaluate_now(phase: str, step: int) -> str:
-        returns, successes = evaluate_chunks(eval_env, act, agent.actor.params, jax.random.fold_in(k_eval, step),
-                                             args.eval_episodes, args.seed + 10_000 + step, args.horizon)
-        writer.add_scalar(f"eval/{phase}_episodic_return", float(np.mean(returns)), step)
-        if successes is not None:
-            writer.add_scalar(f"eval/{phase}_success_rate", float(np.mean(successes)), step)
-        return f"{np.mean(returns):.1f}" + (f", success {np.mean(successes):.2f}" if successes is not None else "")
-
-    def log(info: dict, phase: str, step: int) -> None:
-        check_metrics(info, step, None)
-        for name, value in jax.device_get(info).items():
-            if name != "finite":
-                writer.add_scalar(f"losses/{phase}_{name}", float(value), step)
-
-    info, stopped, last_eval, episodes, n_updates, learn_start = None, None, {}, {"returns": [], "successes": []}, 0, None
-    start, offline_done = time.time(), 0
-    try:
-        with StopOnSignal() as stop:
-            bar = tqdm(total=args.offline_steps, disable=not args.progress, dynamic_ncols=True, unit="update", desc="offline")
-            for step in range(1, args.offline_steps + 1):
+    # The buffer holds the dataset and every online step, so the dataset stays in it.
+    buffer = (n_data + args.total_timesteps, lambda capacity, *_: chunk_buffer(data, capacity), chunk_add)
+    run = TrainingRun(args, ALGO, __file__, resume, offline_steps=args.offline_steps, buffer=buffer)
+    S, A = args.num_seeds, run.act_dim
+    # The acting state: each seed's key, its current chunk and how many of that chunk's actions are left to play.
+    acting = lambda keys: (keys, np.zeros((S, H, A), np.float32), np.zeros(S, np.int32))
+    agent, (k_act, chunks, left), buf, obs = run.init_state(create_agent, acting)
+    chunks, left = np.array(chunks), np.array(left)  # played on the host
+    offline_update, online_update = make_updates(args, A, offline_bc, online_bc, run.sharding)
+    act = make_act(args, agent.actor.apply_fn, A, S)
+    info, no_episodes, all_seeds = None, [None] * S, np.ones(S, bool)
+    with run:  # a signal finishes the step, checkpoints and stops; closes the logs and envs
+        for step in run.steps():
+            episodes = no_episodes
+            if step <= args.offline_steps:
                 agent, info = offline_update(agent, buf)
-                offline_done = step
-                if step % args.log_every == 0:
-                    log(info, "offline", step)
-                    writer.add_scalar("charts/offline_updates_per_s", step / (time.time() - start), step)
-                    bar.set_postfix(flow_loss=f"{float(info['flow_loss']):.4f}", refresh=False)
-                if args.eval_episodes and (step % args.eval_every == 0 or step == args.offline_steps):
-                    last_eval["offline"] = evaluate_now("offline", step)
-                    bar.set_postfix(eval=last_eval["offline"], refresh=False)
-                bar.update(1)
-                if stop.signal:
-                    stopped = stop.signal
-                    break
-            bar.close()
-            offline_time, online_start = time.time() - start, time.time()
-
-            obs, queue = env.reset(seed=args.seed)[0], []
-            bar = tqdm(total=args.online_steps, disable=not args.progress or bool(stopped), dynamic_ncols=True, unit="step",
-                       desc="online")
-            for step in range(1, 0 if stopped else args.online_steps + 1):
-                log_step = args.offline_steps + step
-                if not queue:  # the whole chunk runs open-loop before the actor is asked again
-                    chunk, k_act = act(agent.actor.params, obs, k_act)
-                    queue = list(np.asarray(chunk))
-                action = queue.pop(0)
-                next_obs, reward, terminated, truncated, env_info = env.step(action)
-                buf = add(buf, obs, action, np.float32(reward + shift), next_obs, np.float32(terminated),
-                          np.float32(terminated or truncated))
-                obs = next_obs
-                if terminated or truncated:  # the env's own return (no shift), as the evaluations report
-                    episodes["returns"].append(float(env_info["episode"]["r"]))
-                    writer.add_scalar("charts/episodic_return", episodes["returns"][-1], log_step)
-                    writer.add_scalar("charts/episodic_length", int(env_info["episode"]["l"]), log_step)
-                    if "success" in env_info:
-                        episodes["successes"].append(float(env_info["success"]))
-                        writer.add_scalar("charts/success", episodes["successes"][-1], log_step)
-                    obs, queue = env.reset()[0], []
-                    bar.set_postfix(return_=f"{episodes['returns'][-1]:.1f}", refresh=False)
-                if step >= args.learning_starts:
-                    learn_start = learn_start or time.time()
+                run.check_update(step, info)  # a NaN or infinite loss stops the run
+            else:
+                actions, chunks, k_act = next_actions(act, agent.actor.params, obs, k_act, chunks, left, all_seeds)
+                (o, a, r, next_o, terminated), obs, episodes = run.envs.step(obs, actions)
+                ended = np.array([episode is not None for episode in episodes])
+                left[ended] = 0  # a new episode starts with a new chunk
+                buf = run.buffer_add(buf, o, a, r + np.float32(shift), next_o, terminated, ended.astype(np.float32))
+                if run.learns(step):
                     agent, info = online_update(agent, buf)
-                    n_updates += 1
-                    check_metrics(info, log_step, None)
-                if step % args.log_every == 0:
-                    writer.add_scalar("charts/SPS", int(step / (time.time() - online_start)), log_step)
-                    if n_updates:
-                        log(info, "online", log_step)
-                if args.eval_episodes and (step % args.eval_every == 0 or step == args.online_steps):
-                    last_eval["online"] = evaluate_now("online", log_step)
-                    bar.set_postfix(eval=last_eval["online"], refresh=False)
-                bar.update(1)
-                if stop.signal:
-                    stopped = stop.signal
-                    break
-            bar.close()
-    finally:
-        writer.close()
-        env.close()
-        eval_env.close()
-    jax.block_until_ready(agent)
-    learn_sps = n_updates / (time.time() - learn_start) if learn_start else float("nan")
-    print(f"{'stopped by ' + stopped if stopped else 'done'}: {offline_done} offline steps in {offline_time:.0f} s, "
-          f"{len(episodes['returns'])} online episodes ({learn_sps:.1f} env steps/s while learning); last evaluation "
-          f"offline {last_eval.get('offline', '-')}, online {last_eval.get('online', '-')}; logs in {run_dir}")
-    return {"run_dir": run_dir, "agent": agent, "buffer": buf, "n_data": n_data, "episodes": episodes, "last_eval": last_eval,
-            "bc_weights": (offline_bc, online_bc), "reward_shift": shift, "stopped": stopped,
-            "compiles": (offline_update._cache_size(), online_update._cache_size())}
+                    run.check_update(step, info)
+                else:
+                    info = None  # the offline phase's last losses are not logged again
+            run.log(step, episodes, info)
+            run.maybe_evaluate(step, act, agent.actor.params, now=step == args.offline_steps)
+            if run.maybe_checkpoint(step, agent, (k_act, chunks, left), buf, obs):
+                break
+    summary = run.finish(agent, (offline_update, online_update), MODEL_CONFIG,
+                         {"actor": agent.actor.params, "critic": agent.critic.params})
+    return {**summary, "buffer": buf, "n_data": n_data, "bc_weights": (offline_bc, online_bc), "reward_shift": shift}
 
 
 def main(argv=None) -> int:
     args = tyro.cli(Args, args=argv)
-    name = os.path.basename(__file__)
-    try:
+    with ExitStatus(__file__) as status:
         check_args(args)
-        train(args)
-    except ConfigError as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
-        return 2
-    except (Diverged, OSError) as e:  # OSError: a log that could not be written
-        print(f"{name}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted twice: stopped at once", file=sys.stderr)
-        return 130
-    return 0
+        if args.eval_only:
+            eval_only(args, ALGO, MODEL_CONFIG, load_actor)
+        else:
+            train(args, prepare_resume(args, ALGO, MODEL_CONFIG, check_args) if args.resume else None)
+    return status.code
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ import jax
 import numpy as np
 from flax import serialization
 
-from common.buffer import ReplayBuffer
 from common.env import ConfigError, rng_state, set_rng_state
 from common.seeds import per_seed, stack_seeds
 
@@ -284,8 +283,6 @@ def read_resume(args, algo: str, defaults, renamed: dict | None = None) -> tuple
     ckpt["args"] = {(renamed or {}).get(k, k): v for k, v in ckpt["args"].items()}
     names = [f.name for f in fields(args) if f.name not in NOT_RESUMED]
     adopt_saved_args(args, ckpt["args"], defaults, names, "--resume", MAY_CHANGE_ON_RESUME)
-    if args.total_timesteps < ckpt["step"]:
-        raise ConfigError(f"--total-timesteps {args.total_timesteps} is below the checkpoint's step {ckpt['step']}")
     return path, ckpt
 
 
@@ -355,45 +352,49 @@ def _decompress(packed: dict) -> np.ndarray:
     return np.frombuffer(data, dtype=np.dtype(packed["dtype"])).reshape(packed["shape"]).copy()
 
 
-def pack_buffer(buf: ReplayBuffer) -> dict:
-    """The filled part of the buffer, zlib-compressed. Consecutive transitions share an observation
-    (next_obs[i] is obs[i + 1] except where an episode ended), so next_obs is stored only where it
-    differs, which halves the largest part before compression."""
+def pack_buffer(buf) -> dict:
+    """The filled part of a replay buffer (a NamedTuple of per-row arrays with `pos` and `size`: common/buffer.py's,
+    or a script's own), zlib-compressed. Consecutive transitions share an observation (next_obs[i] is obs[i + 1]
+    except where an episode ended), so next_obs is stored only where it differs, which halves the largest part
+    before compression."""
     size, pos = int(buf.size), int(buf.pos)
-    host = {name: np.asarray(getattr(buf, name))[:size] for name in ("obs", "actions", "rewards", "next_obs", "terminated")}
+    names = [name for name in buf._fields if name not in ("pos", "size")]
+    host = {name: np.asarray(getattr(buf, name))[:size] for name in names}
     capacity = buf.obs.shape[0]
     following = host["obs"][(np.arange(size) + 1) % capacity] if size == capacity else np.concatenate(
         [host["obs"][1:], np.zeros_like(host["obs"][:1])])
     same = np.all(host["next_obs"].view(np.uint32) == following.view(np.uint32), axis=1)
     if size:
         same[(pos - 1) % capacity] = False  # the newest transition's successor is not in the buffer yet
-    packed = {name: _compress(host[name]) for name in ("obs", "actions", "rewards", "terminated")}
+    packed = {name: _compress(host[name]) for name in names if name != "next_obs"}
     packed["next_obs_same"] = _compress(np.packbits(same))
     packed["next_obs_rest"] = _compress(host["next_obs"][~same])
     return {"size": size, "pos": pos, "fields": packed}
 
 
-def unpack_buffer(template: ReplayBuffer, packed: dict, path: str) -> ReplayBuffer:
+def unpack_buffer(template, packed: dict, path: str):
     import jax.numpy as jnp
 
     size, pos, f = packed["size"], packed["pos"], packed["fields"]
+    names = [name for name in template._fields if name not in ("pos", "size")]
     capacity = template.obs.shape[0]
+    bad = ConfigError(f"--resume {path!r}: its replay buffer does not fit this run (another size or env)")
+    if not 0 <= pos <= size <= capacity:
+        raise bad
     try:
-        host = {name: _decompress(f[name]) for name in ("obs", "actions", "rewards", "terminated")}
+        host = {name: _decompress(f[name]) for name in names if name != "next_obs"}
         same = np.unpackbits(_decompress(f["next_obs_same"]))[:size].astype(bool)
         next_obs = host["obs"][(np.arange(size) + 1) % max(size, 1)]
         next_obs[~same] = _decompress(f["next_obs_rest"])
         host["next_obs"] = next_obs
         out = {}
-        for name in ("obs", "actions", "rewards", "next_obs", "terminated"):
+        for name in names:
             full = np.zeros(getattr(template, name).shape, np.float32)
             full[:size] = host[name]
             out[name] = jnp.asarray(full)
     except Exception:
-        raise ConfigError(f"--resume {path!r}: its replay buffer does not fit this run (another size or env)") from None
-    if not 0 <= pos < capacity or size > capacity:
-        raise ConfigError(f"--resume {path!r}: its replay buffer does not fit this run (another size or env)")
-    return ReplayBuffer(**out, pos=jnp.asarray(pos, jnp.int32), size=jnp.asarray(size, jnp.int32))
+        raise bad from None
+    return type(template)(**out, pos=jnp.asarray(pos, jnp.int32), size=jnp.asarray(size, jnp.int32))
 
 
 def host_rng_states() -> dict:

@@ -1,4 +1,4 @@
-"""Environment construction and seeding shared by the three scripts."""
+"""Environment construction, seeding, stepping and evaluation shared by the four scripts."""
 
 from __future__ import annotations
 
@@ -49,16 +49,18 @@ def check_ranges(args, positive=(), nonnegative=(), fraction=(), unit=()) -> Non
 
 def check_run_args(args) -> None:
     """The flags every training script has (run length, buffer, batch, logging, evaluation, checkpoints, where
-    the run comes from, the env id), refused in one line; a script checks its own hyperparameters besides."""
-    check_ranges(args, positive=["num_seeds", "total_timesteps", "buffer_size", "batch_size", "eval_every", "log_every"],
-                 nonnegative=["learning_starts", "eval_episodes", "checkpoint_every"])
+    the run comes from, the env id), refused in one line; a script checks its own hyperparameters besides.
+    sac_flow_o2o.py (it has --offline-steps) sizes its buffer by its dataset and may take no env step at all."""
+    offline = hasattr(args, "offline_steps")
+    check_ranges(args, positive=["num_seeds", "batch_size", "eval_every", "log_every"] + ([] if offline else ["total_timesteps", "buffer_size"]),
+                 nonnegative=["learning_starts", "eval_episodes", "checkpoint_every"] + (["total_timesteps"] if offline else []))
     if args.keep_checkpoints < 1:
         raise ConfigError(f"--keep-checkpoints must be at least 1, got {args.keep_checkpoints}")
-    if args.batch_size > args.buffer_size:
+    if not offline and args.batch_size > args.buffer_size:
         raise ConfigError(f"--batch-size {args.batch_size} is above --buffer-size {args.buffer_size}; it must be at most the buffer size")
     check_run_flags(args)
     check_tracking(args)
-    check_env_id(args.env_id)
+    check_env_id(args.env_id, ogbench=offline)
 
 
 _EXAMPLES = (
@@ -218,7 +220,8 @@ def seed_everything(seed: int):
 
 def env_step(env: gym.Env, obs: np.ndarray, action: np.ndarray):
     """Step `env` once. Returns the transition to store, the observation to act on next and the
-    finished episode's statistics (None mid-episode).
+    finished episode's statistics (None mid-episode: its return "r", length "l" and, where the env
+    reports one, as OGBench's do, "success").
 
     The stored `next_obs` is the true successor even when the episode ends (the reset comes after),
     and only `terminated` is stored: a time-limit truncation must still bootstrap from `next_obs`.
@@ -227,7 +230,7 @@ def env_step(env: gym.Env, obs: np.ndarray, action: np.ndarray):
     transition = (obs, np.asarray(action, np.float32), np.float32(reward), next_obs, np.float32(terminated))
     episode = None
     if terminated or truncated:
-        episode = info.get("episode")
+        episode = dict(info.get("episode", {}), **({"success": float(info["success"])} if "success" in info else {}))
         next_obs, _ = env.reset()
     return transition, next_obs, episode
 
@@ -309,39 +312,65 @@ class SeedEnvs:
             env.close()
 
 
+def next_actions(act, actor_params, obs, keys, chunks, left, active):
+    """Each seed's next action when actions come in open-loop chunks. Seed i plays `chunks[i]` (H, act_dim), of
+    which `left[i]` actions are still unplayed (counted down here, in place). The `active` seeds with none left
+    (a new episode sets it to 0) get a new chunk from `act(actor_params, obs, keys) -> (chunks, keys)`, and only
+    their keys advance, so that seed i acts as its single run would; an `act` that returns one action per seed
+    (S, act_dim) gives chunks of one. Returns (actions, chunks, keys)."""
+    import jax.numpy as jnp
+
+    ask = active & (left == 0)
+    if ask.any():
+        new, new_keys = act(actor_params, obs, keys)
+        new = np.asarray(new)
+        new = new[:, None] if new.ndim == 2 else new
+        if ask.all() or chunks is None:
+            chunks, keys = new, new_keys
+        else:
+            chunks = np.where(ask[:, None, None], new, chunks)
+            keys = jnp.where(ask.reshape((-1,) + (1,) * (np.ndim(keys) - 1)), new_keys, keys)
+        left[ask] = chunks.shape[1]
+    actions = chunks[np.arange(len(left)), -np.maximum(left, 1)]
+    left[active] -= 1
+    return actions, chunks, keys
+
+
 def evaluate(envs: SeedEnvs, act, actor_params, keys, episodes: int, seeds=None, videos=None):
     """Run `episodes` whole episodes on every env of `envs` at once, env i acting with seed i's slice of
-    `act(actor_params, obs, keys) -> (actions, keys)` (all three stacked over seeds). Returns each
-    seed's list of undiscounted returns. `seeds[i]` reseeds env i's first reset, which makes an
-    evaluation depend on nothing but its arguments (and so survive a resume unchanged). Seed i's
-    episode j is recorded to the MP4 file `videos[i][j]` where one is given (envs made with render=True).
-    An env that has finished its episodes waits; seed i's key advances once per step of its own."""
+    `act(actor_params, obs, keys) -> (actions, keys)` (all three stacked over seeds; the actions may be chunks,
+    played open-loop: next_actions). Returns each seed's list of undiscounted returns and its list of successes
+    (1.0 or 0.0 per episode, for envs that report `info["success"]`, as OGBench's do; else empty). `seeds[i]`
+    reseeds env i's first reset, which makes an evaluation depend on nothing but its arguments (and so survive
+    a resume unchanged). Seed i's episode j is recorded to the MP4 file `videos[i][j]` where one is given (envs
+    made with render=True). An env that has finished its episodes waits, and its key stays."""
     n = len(envs)
     videos = videos or [[] for _ in range(n)]
     obs = envs.reset(seeds if seeds is not None else [None] * n)
-    returns, totals = [[] for _ in range(n)], np.zeros(n)
+    returns, successes, totals = [[] for _ in range(n)], [[] for _ in range(n)], np.zeros(n)
     frames = [[env.render()] if videos[i] else None for i, env in enumerate(envs.envs)]
-    active = np.full(n, episodes > 0)
+    active, chunks, left = np.full(n, episodes > 0), None, np.zeros(n, np.int64)
     while active.any():
-        actions, keys = act(actor_params, obs, keys)
-        actions = np.asarray(actions)
+        actions, chunks, keys = next_actions(act, actor_params, obs, keys, chunks, left, active)
         for i in np.flatnonzero(active):
             env = envs.envs[i]
-            obs[i], reward, terminated, truncated, _ = env.step(actions[i])
+            obs[i], reward, terminated, truncated, info = env.step(actions[i])
             totals[i] += float(reward)
             if frames[i] is not None:
                 frames[i].append(env.render())
             if terminated or truncated:
                 j = len(returns[i])
                 returns[i].append(totals[i])
-                totals[i] = 0.0
+                if "success" in info:
+                    successes[i].append(float(info["success"]))
+                totals[i], left[i] = 0.0, 0
                 if frames[i] is not None:
                     write_video(videos[i][j], frames[i], env.metadata.get("render_fps", 30))
                 active[i] = len(returns[i]) < episodes
                 if active[i]:
                     obs[i], _ = env.reset()
                     frames[i] = [env.render()] if j + 1 < len(videos[i]) else None
-    return returns
+    return returns, successes
 
 
 RENDER_HELP = ("MuJoCo renders headless through EGL (MUJOCO_GL=egl): install libEGL "
@@ -364,25 +393,3 @@ def write_video(path: str, frames, fps: float) -> None:
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     imageio.mimwrite(path, frames, fps=fps, macro_block_size=1)
-
-
-def evaluate_chunks(env: gym.Env, act_chunk, actor_params, key, episodes: int, seed: int, horizon: int):
-    """Run `episodes` episodes on `env`, asking `act_chunk(actor_params, obs, key) -> (chunk (H, act), key)`
-    for a chunk of `horizon` actions at the start and then every `horizon` steps, executed open-loop.
-    Returns the undiscounted returns and, for envs that report `info["success"]` (OGBench), whether
-    each episode ended in success (else None)."""
-    returns, successes = [], []
-    obs, _ = env.reset(seed=seed)
-    for _ in range(episodes):
-        total, done, queue, info = 0.0, False, [], {}
-        while not done:
-            if not queue:
-                chunk, key = act_chunk(actor_params, obs, key)
-                queue = list(np.asarray(chunk)[:horizon])
-            obs, reward, terminated, truncated, info = env.step(queue.pop(0))
-            total += float(reward)
-            done = terminated or truncated
-        returns.append(total)
-        successes.append(float(info["success"]) if "success" in info else None)
-        obs, _ = env.reset()
-    return returns, (successes if all(s is not None for s in successes) else None)

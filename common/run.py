@@ -88,12 +88,21 @@ class TrainingRun:
     the run owns the bookkeeping. Attributes a script reads: `envs` (one training env per seed),
     `obs_dim`, `act_dim`, `sharding` (of the seed axis), `seeds`, `run_dir`, `log_dirs`, `meta`."""
 
-    def __init__(self, args, algo: str, script: str, resume=None, vector_tags: dict | None = None):
+    def __init__(self, args, algo: str, script: str, resume=None, vector_tags: dict | None = None, offline_steps: int = 0,
+                 buffer=None):
         """Name the run (or take the resumed one's), seed the host RNGs, pick the devices, refuse buffers
         that cannot fit, create the run folder and build the envs. `resume` is prepare_resume's answer;
-        `vector_tags` names the TensorBoard tags of the script's vector metrics (metric_scalars)."""
+        `vector_tags` names the TensorBoard tags of the script's vector metrics (metric_scalars).
+        sac_flow_o2o.py gives the two others: `offline_steps`, gradient steps on a dataset that the run's steps
+        count before its env steps (so step offline_steps + j is env step j), and `buffer`, its own replay buffer
+        as (capacity, init(capacity, obs_dim, act_dim), add) in place of --buffer-size rows of common/buffer.py."""
         self.args, self.algo, self.script, self.resume = args, algo, os.path.basename(script), resume
-        self.vector_tags = vector_tags
+        self.vector_tags, self.offline_steps = vector_tags, offline_steps
+        self.last_step = offline_steps + args.total_timesteps
+        if resume and resume[1]["step"] > self.last_step:
+            raise ConfigError(f"--total-timesteps {args.total_timesteps} ends the run before the checkpoint's step {resume[1]['step']}"
+                              + (f" (of which {offline_steps} offline)" if offline_steps else ""))
+        self.capacity, self.buffer_init, add = buffer or (args.buffer_size, buffer_init, buffer_add)
         self.seeds = [args.seed + i for i in range(args.num_seeds)]
         if resume:
             run_name, self.run_dir = resume[1]["meta"]["run_name"], resume_run_dir(*resume)
@@ -102,7 +111,7 @@ class TrainingRun:
             self.run_dir = os.path.join("runs", run_name)
         # One TensorBoard run per seed, so plots and TensorBoard see S ordinary runs.
         self.log_dirs = [self.run_dir] if args.num_seeds == 1 else [f"{self.run_dir}__s{seed}" for seed in self.seeds]
-        self.meta = {"run_name": run_name, "elapsed": 0.0, "updates_from": args.learning_starts,
+        self.meta = {"run_name": run_name, "elapsed": 0.0, "updates_from": offline_steps + args.learning_starts,
                      "last_return": [float("nan")] * args.num_seeds}
         self.start_step, self.step, self.last_checkpoint, self.stopped = 0, 0, None, None
         self.writers, self.bar, self.envs, self.eval_envs = [], None, None, None
@@ -113,7 +122,7 @@ class TrainingRun:
         seed_everything(args.seed)
         self.sharding, self.n_devices = seed_sharding(args.num_seeds)
         self.obs_dim, self.act_dim = env_dims(args.env_id)
-        check_buffer_memory(args.num_seeds, args.buffer_size, self.obs_dim, self.act_dim, self.n_devices)
+        check_buffer_memory(args.num_seeds, self.capacity, self.obs_dim, self.act_dim, self.n_devices)
         prepare_run_dir(self.run_dir, resumed=resume is not None)
         try:
             self.envs = SeedEnvs(args.env_id, self.seeds)
@@ -125,27 +134,30 @@ class TrainingRun:
             raise
         # Inserting is its own call with the buffer donated (updated in place); --debug-nans re-runs a
         # call that made a NaN on its inputs, so they must then be kept.
-        self.buffer_add = jax.jit(seed_map(buffer_add, args.num_seeds), donate_argnums=() if args.debug_nans else 0,
+        self.buffer_add = jax.jit(seed_map(add, args.num_seeds), donate_argnums=() if args.debug_nans else 0,
                                   out_shardings=self.sharding)
 
     def on_seeds(self, tree):
         """Place a seed-stacked pytree on the devices, sharded along the seed axis."""
         return jax.device_put(tree, self.sharding)
 
-    def init_state(self, create_agent):
-        """The loop's state (agent, acting key, replay buffer, observations), all seed-stacked: built with
-        `create_agent(args, obs_dim, act_dim, key)`, or restored from the resumed checkpoint. Then says what
-        kind of run this is and opens the logs (after the restore: a refused checkpoint leaves the folder as it was)."""
+    def init_state(self, create_agent, acting=None):
+        """The loop's state (agent, acting state, replay buffer, observations), all seed-stacked: built with
+        `create_agent(args, obs_dim, act_dim, key)`, or restored from the resumed checkpoint. The acting state is
+        the acting keys, or what `acting(keys)` makes of them (sac_flow_o2o.py adds each seed's action chunk).
+        Then says what kind of run this is and opens the logs (after the restore: a refused checkpoint leaves the
+        folder as it was)."""
         args, S = self.args, self.args.num_seeds
         try:
             # Each seed's keys are split from its own root exactly as a single run's: agent i is the run --seed X+i.
             keys = jnp.stack([jax.random.split(jax.random.PRNGKey(seed), 4) for seed in self.seeds])
             k_agent, k_act, self.k_eval = self.on_seeds(keys[:, 1]), self.on_seeds(keys[:, 2]), keys[:, 3]
+            k_act = k_act if acting is None else acting(k_act)
             make = seed_map(lambda k: create_agent(args, self.obs_dim, self.act_dim, k), S)
             agent = jax.jit(make, out_shardings=self.sharding)(k_agent)
-            buf = jax.jit(lambda: jax.tree_util.tree_map(lambda x: jnp.zeros((S,) + x.shape, x.dtype),
-                                                         buffer_init(args.buffer_size, self.obs_dim, self.act_dim)),
-                          out_shardings=self.sharding)()
+            # One seed's empty (or dataset-filled) buffer, copied to every seed on the device that holds it.
+            buf = jax.jit(lambda b: jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (S,) + x.shape), b),
+                          out_shardings=self.sharding)(self.buffer_init(self.capacity, self.obs_dim, self.act_dim))
             obs = self.envs.reset()
             if self.resume:
                 agent, k_act, buf, obs = self._restore(agent, k_act, buf)
@@ -156,7 +168,7 @@ class TrainingRun:
         if S > 1:
             print(f"{S} seeds ({self.seeds[0]} to {self.seeds[-1]}) on {self.n_devices} device(s); "
                   f"each logs to {self.run_dir}__s<seed>")
-        if args.learning_starts >= args.total_timesteps:
+        if args.learning_starts >= args.total_timesteps and not self.offline_steps:
             print(f"note: --learning-starts {args.learning_starts} >= --total-timesteps {args.total_timesteps}: this run only "
                   "collects random transitions (resume it with a larger --total-timesteps to learn)")
         if not args.checkpoint_buffer:
@@ -203,7 +215,7 @@ class TrainingRun:
         self.start = self.window_start = time.time() - self.meta["elapsed"]
         self.window_step = self.start_step
         S = len(self.seeds)
-        self.bar = tqdm(total=self.args.total_timesteps, initial=self.start_step, disable=not self.args.progress,
+        self.bar = tqdm(total=self.last_step, initial=self.start_step, disable=not self.args.progress,
                         dynamic_ncols=True, unit="step", desc=f"{S} seeds" if S > 1 else None)
         return self
 
@@ -228,8 +240,9 @@ class TrainingRun:
                 envs.close()
 
     def steps(self):
-        """The env steps still to run, counted from 1 (step N has made N transitions per seed)."""
-        for step in range(self.start_step + 1, self.args.total_timesteps + 1):
+        """The steps still to run, counted from 1: env steps (step N has made N transitions per seed), after the
+        offline steps if any."""
+        for step in range(self.start_step + 1, self.last_step + 1):
             self.step = step  # for the messages of a stop inside the step
             yield step
 
@@ -243,8 +256,9 @@ class TrainingRun:
         return True
 
     def check_update(self, step: int, info: dict) -> None:
-        """Count an update and stop the run (Diverged) if one of its metrics is NaN or infinite."""
-        self.n_updates += 1
+        """Stop the run (Diverged) if one of the update's metrics is NaN or infinite; count it toward `learn_sps`
+        when it came after an env step (`learns`)."""
+        self.n_updates += self.learn_start is not None
         check_metrics(info, step, self.last_checkpoint, self.seeds)
 
     def log(self, step: int, episodes: list, info: dict | None) -> None:
@@ -258,6 +272,8 @@ class TrainingRun:
                 self.returns[i].append(self.last_return[i])
                 self.writers[i].add_scalar("charts/episodic_return", self.last_return[i], step)
                 self.writers[i].add_scalar("charts/episodic_length", int(episode["l"]), step)
+                if "success" in episode:
+                    self.writers[i].add_scalar("charts/success", episode["success"], step)
         if step % args.log_every == 0:
             now = time.time()
             sps, window_sps = int(step / (now - self.start)), int((step - self.window_step) / (now - self.window_start))
@@ -275,21 +291,24 @@ class TrainingRun:
             self.bar.set_postfix(self.postfix, refresh=False)
         self.bar.update(1)
 
-    def maybe_evaluate(self, step: int, act, actor_params) -> None:
-        """Every --eval-every steps, --eval-episodes episodes per seed with `act(actor_params, obs, keys)`
-        on the evaluation envs (with --capture-video the first one recorded). Seeded by the step alone, so a
-        resumed run evaluates exactly as an uninterrupted one; its time counts in neither SPS_window nor learn_sps."""
+    def maybe_evaluate(self, step: int, act, actor_params, now: bool = False) -> None:
+        """Every --eval-every steps (and when `now`), --eval-episodes episodes per seed with `act(actor_params, obs,
+        keys)` on the evaluation envs (with --capture-video the first one recorded): `eval/episodic_return`, and
+        `eval/success_rate` where the env reports success. Seeded by the step alone, so a resumed run evaluates
+        exactly as an uninterrupted one; its time counts in neither SPS_window nor learn_sps."""
         args, seeds = self.args, self.seeds
-        if step % args.eval_every or args.eval_episodes <= 0:
+        if (step % args.eval_every and not now) or args.eval_episodes <= 0:
             return
         eval_start = time.time()
         videos = [[os.path.join(self.run_dir, "videos", f"eval_step{step:010d}{'' if len(seeds) == 1 else f'_s{seed}'}.mp4")]
                   if args.capture_video else [] for seed in seeds]
         eval_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(self.k_eval, step)
-        eval_returns = evaluate(self.eval_envs, act, actor_params, self.on_seeds(eval_keys), args.eval_episodes,
-                                [seed + 10_000 + step for seed in seeds], videos)
-        for writer, returns in zip(self.writers, eval_returns):
+        eval_returns, successes = evaluate(self.eval_envs, act, actor_params, self.on_seeds(eval_keys), args.eval_episodes,
+                                           [seed + 10_000 + step for seed in seeds], videos)
+        for writer, returns, success in zip(self.writers, eval_returns, successes):
             writer.add_scalar("eval/episodic_return", float(np.mean(returns)), step)
+            if len(success) == len(returns):
+                writer.add_scalar("eval/success_rate", float(np.mean(success)), step)
         self.postfix["eval"] = f"{np.mean(eval_returns):.1f}"
         self.bar.set_postfix(self.postfix, refresh=False)
         eval_time = time.time() - eval_start
@@ -301,7 +320,7 @@ class TrainingRun:
         """Write a checkpoint every --checkpoint-every steps, at the last step, and when a signal came; True
         when a signal asks the loop to stop (after its checkpoint)."""
         args, signal = self.args, self._stop.signal
-        periodic = args.checkpoint_every and (step % args.checkpoint_every == 0 or step == args.total_timesteps)
+        periodic = args.checkpoint_every and (step % args.checkpoint_every == 0 or step == self.last_step)
         if periodic or signal:
             bad = first_nonfinite(agent, "agent", self.seeds)
             if bad:
@@ -321,11 +340,11 @@ class TrainingRun:
     def finish(self, agent, update, model_config, model_params: dict) -> dict:
         """After the loop: with --save-model (and not stopped) write each seed's `model_params` (seed-stacked)
         with the arguments named in `model_config` to its log folder; print the summary line and return it
-        as a dict (`update` is the jitted update, asked how often it compiled)."""
+        as a dict (`update` is the jitted update, or a tuple of them, asked how often they compiled)."""
         args, seeds, S = self.args, self.seeds, len(self.seeds)
         jax.block_until_ready(agent)
         end = time.time()
-        compiles = update._cache_size()
+        compiles = sum(u._cache_size() for u in (update if isinstance(update, tuple) else (update,)))
         if args.save_model and not self.stopped:
             for i, log_dir in enumerate(self.log_dirs):
                 path = os.path.join(log_dir, f"{args.exp_name}.msgpack")
@@ -336,7 +355,7 @@ class TrainingRun:
             print(f"{self.stopped}: stopped after step {self.step}; checkpoint {self.last_checkpoint}; to continue: "
                   f"python {self.script} --resume {self.run_dir}")
         else:
-            print(f"{args.total_timesteps} steps x {S} seed(s) in {end - self.start:.0f} s ({learn_sps * S:.1f} env steps/s in "
+            print(f"{self.last_step} steps x {S} seed(s) in {end - self.start:.0f} s ({learn_sps * S:.1f} env steps/s in "
                   f"all while learning, evaluation excluded); update compiled {compiles} time(s); logs in {self.log_dirs[0]}"
                   + (f" and {S - 1} more" if S > 1 else ""))
         return {"run_dir": self.run_dir, "log_dirs": self.log_dirs, "compiles": compiles, "returns": self.returns,
@@ -376,10 +395,11 @@ def eval_only(args, algo: str, model_config, load_actor) -> None:
         videos = [os.path.join(video_dir(args.checkpoint), f"eval_only_{stamp}_episode{i}.mp4")
                   for i in range(args.eval_episodes)] if args.capture_video else []
         params, key = jax.tree_util.tree_map(lambda x: x[None], (params, jax.random.PRNGKey(args.seed)))
-        returns = evaluate(env, act, params, key, args.eval_episodes, [args.seed], [videos])[0]
+        (returns,), (successes,) = evaluate(env, act, params, key, args.eval_episodes, [args.seed], [videos])
     finally:
         env.close()
-    print(f"{args.env_id}: eval return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes")
+    print(f"{args.env_id}: eval return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes"
+          + (f", success rate {np.mean(successes):.2f}" if len(successes) == len(returns) else ""))
     if videos:
         print(f"videos written to {os.path.dirname(videos[0])}")
 

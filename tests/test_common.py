@@ -141,6 +141,54 @@ def test_packed_buffer_of_another_size_is_refused():
         unpack_buffer(buffer_init(7, 4, 2), pack_buffer(trajectory_buffer(7, 5)), "x.ckpt")
 
 
+def test_a_script_buffer_with_more_fields_packs_and_grows_on_restore():
+    """sac_flow_o2o.py's chunk buffer (an `ends` field, pos == size): restored exactly, into a larger capacity too
+    (a resumed run with a larger --total-timesteps); a row count past the capacity is refused."""
+    from common.checkpoint import pack_buffer, unpack_buffer
+    from sac_flow_o2o import chunk_add, chunk_buffer
+
+    rng = np.random.default_rng(0)
+    data = {"obs": rng.normal(size=(6, 3)), "actions": rng.normal(size=(6, 2)), "rewards": rng.normal(size=6),
+            "next_obs": rng.normal(size=(6, 3)), "terminated": np.zeros(6), "ends": np.eye(1, 6, 5)[0]}
+    buf = chunk_add(chunk_buffer(data, 8), np.ones(3), np.ones(2), 1.0, np.full(3, 2.0), 0.0, 1.0)
+    packed = pack_buffer(jax.device_get(buf))
+    for capacity in (8, 12):
+        restored = unpack_buffer(chunk_buffer(data, capacity), packed, "x")
+        assert int(restored.pos) == int(restored.size) == 7
+        for name in buf._fields[:-2]:  # the rows; pos and size above
+            assert np.asarray(getattr(buf, name))[:7].tobytes() == np.asarray(getattr(restored, name))[:7].tobytes(), name
+    with pytest.raises(ConfigError, match="does not fit this run"):
+        unpack_buffer(chunk_buffer(data, 6), packed, "x.ckpt")
+
+
+def test_next_actions_plays_chunks_open_loop_and_advances_only_the_asking_seeds_keys():
+    from common.env import next_actions
+
+    calls = []
+
+    def act(params, obs, keys):  # chunk of 3: [key, key + 0.1, key + 0.2] per seed; the key counts the calls
+        calls.append(obs.copy())
+        return keys[:, None, None] + np.array([0.0, 0.1, 0.2])[None, :, None], keys + 1
+
+    keys, chunks, left, active = jnp.array([10.0, 20.0]), None, np.zeros(2, np.int64), np.ones(2, bool)
+    played = []
+    for t in range(5):
+        if t == 1:
+            left[1] = 0  # seed 1's episode ended after its first action: a new chunk at once
+        actions, chunks, keys = next_actions(act, None, np.full(2, float(t)), keys, chunks, left, active)
+        played.append(np.round(actions[:, 0].astype(float), 2).tolist())
+    # Seed 0 asks at t = 0 and 3; seed 1 at t = 0, 1 and 4. A call at t = 1 leaves seed 0's key and chunk alone.
+    assert played == [[10.0, 20.0], [10.1, 21.0], [10.2, 21.1], [11.0, 21.2], [11.1, 22.0]]
+    assert [c.tolist() for c in calls] == [[0.0, 0.0], [1.0, 1.0], [3.0, 3.0], [4.0, 4.0]]
+    assert np.asarray(keys).tolist() == [12.0, 23.0] and left.tolist() == [1, 2]
+    # An act that returns one action per seed is a chunk of one: asked every step.
+    one = lambda p, o, k: (k[:, None] + 0.5, k + 1)
+    left, chunks, keys = np.zeros(2, np.int64), None, jnp.array([0.0, 5.0])
+    for _ in range(3):
+        actions, chunks, keys = next_actions(one, None, np.zeros(2), keys, chunks, left, active)
+    assert actions[:, 0].tolist() == [2.5, 7.5] and np.asarray(keys).tolist() == [3.0, 8.0]
+
+
 @pytest.mark.parametrize("env_id", ["Hopper-v4", "dm_control/cartpole-balance-v0"])
 def test_env_replay_restores_a_mid_episode_state_bit_for_bit(env_id):
     env = make_env(env_id, 3)

@@ -1,9 +1,10 @@
 """Offline-to-online SAC Flow (sac_flow_o2o.py): the dataset loaders (and their errors), the chunk sampler, the
 losses, the Eq. 12 step against a by-hand computation, the three- and two-phase schedules, the per-family BC
 weights, Robomimic's reward shift, flow-matching pretraining, short offline-then-online runs with both velocities,
-Ctrl-C, and every refusal."""
+Ctrl-C, resume through both phases, --eval-only, and every refusal."""
 
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -18,16 +19,18 @@ import pytest
 
 import sac_flow_o2o as O
 from benchmarks import make_dataset
-from common.buffer import ChunkBatch, sample_chunks, sequence_add, sequence_buffer
+import common.env
+from common.checkpoint import list_checkpoints, read_container
 from common.datasets import load_dataset, robomimic_task
 from common.env import ConfigError
-from helpers import all_finite, assert_wandb_matches_tensorboard, only_run_dir, read_scalars, run_script
+from helpers import all_finite, assert_same_tree, assert_wandb_matches_tensorboard, only_run_dir, read_scalars, run_script
+from sac_flow_o2o import ChunkBatch, chunk_add, chunk_buffer, sample_chunks
 
 CUBE = "cube-double-singletask-task2-v0"
 TINY = {"gated": dict(hidden_dim=16, time_emb_dim=8), "decoded": dict(d_model=16, n_heads=2, n_layers=1)}
 
 
-E2E = ["--offline-steps", "150", "--online-steps", "150", "--learning-starts", "60", "--batch-size", "32",
+E2E = ["--offline-steps", "150", "--total-timesteps", "150", "--learning-starts", "60", "--batch-size", "32",
        "--critic-width", "32", "--critic-depth", "2", "--flow-steps", "2", "--log-every", "50", "--eval-every", "150",
        "--eval-episodes", "1", "--no-progress"]
 ONLINE = ["qf_loss", "qf_values", "actor_loss", "bc_loss", "q_pi", "entropy", "alpha", "alpha_loss"]
@@ -175,8 +178,8 @@ def test_chunk_returns_against_a_step_by_step_walk():
          "terminated": np.zeros(n), "ends": np.zeros(n)}
     d["terminated"][[5, 17]] = 1
     d["ends"][[5, 11, 17, 30, 39]] = 1  # 11 and 30: time limits (no termination)
-    buf = sequence_buffer(d, n + 3)
-    buf = sequence_add(buf, np.full(1, 40.0), np.zeros(2), 1.0, np.full(1, 41.0), 0.0, 0.0)
+    buf = chunk_buffer(d, n + 3)
+    buf = chunk_add(buf, np.full(1, 40.0), np.zeros(2), 1.0, np.full(1, 41.0), 0.0, 0.0)
     b = jax.device_get(sample_chunks(buf, jax.random.PRNGKey(0), 512, H, gamma))
     starts = b.obs[:, 0].astype(int)
     assert starts.min() == 0 and starts.max() == n + 1 - H  # every start whose chunk is stored, the new row included
@@ -242,6 +245,15 @@ def assert_tree_close(a, b, **kw):
         np.testing.assert_allclose(x, y, **kw)
 
 
+def stack(tree):
+    """A one-seed run's arrays, with their leading seed axis."""
+    return jax.tree_util.tree_map(lambda x: x[None], tree)
+
+
+def unstack(tree):
+    return jax.tree_util.tree_map(lambda x: x[0], tree)
+
+
 def changed(a, b) -> bool:
     return any(not np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b), strict=True))
 
@@ -256,7 +268,7 @@ def test_eq12_step_against_the_actor_loss_and_adam_step_by_hand(eq12_step):
     by-hand gradient, the temperature step, the critics' H-step TD loss and the Polyak target, all from the
     parameters before the step (the actor's Q and the target's Polyak average use the critic before its TD step)."""
     beta, lr = 7.0, 3e-4
-    agent = O.create_agent(tiny_args(), 11, 15, jax.random.PRNGKey(0))
+    agent = O.create_agent(tiny_args(), 11, 3, jax.random.PRNGKey(0))
     b, key = random_batch(), jax.random.PRNGKey(3)
     new, info = eq12_step(agent, b, key, beta)
     k_next, k_pi = jax.random.split(key)
@@ -297,18 +309,18 @@ def test_offline_step_of_each_schedule(data_dir, eq12_step):
     """two-phase: critics + flow matching, alpha untouched; three-phase: that step, then Eq. 12 with the offline
     BC weight and alpha, on the same batch (both split the agent's key into key, batch, Eq. 3, Eq. 12)."""
     data = load_dataset(str(data_dir / "hopper.npz"), "Hopper-v4")
-    buf = sequence_buffer(data, len(data["obs"]))
-    agent = O.create_agent(tiny_args(), 11, 15, jax.random.PRNGKey(1))
-    copy = lambda: jax.tree_util.tree_map(jnp.array, agent)  # the updates donate their agent
+    buf = chunk_buffer(data, len(data["obs"]))
+    agent = O.create_agent(tiny_args(), 11, 3, jax.random.PRNGKey(1))
+    copy = lambda: jax.tree_util.tree_map(lambda x: jnp.array(x)[None], agent)  # one seed; the updates donate their agent
 
-    two_phase, info = O.make_updates(tiny_args(schedule="two-phase"), 3, 11.0, 5.0)[0](copy(), buf)
+    two_phase, info = unstack(O.make_updates(tiny_args(schedule="two-phase"), 3, 11.0, 5.0)[0](copy(), stack(buf)))
     assert set(info) == {"qf_loss", "qf_values", "flow_loss", "finite"} and np.all(np.asarray(info["finite"]))
     assert float(two_phase.log_alpha.params["log_alpha"]) == float(agent.log_alpha.params["log_alpha"])
     assert (int(two_phase.actor.step), int(two_phase.critic.step), int(two_phase.log_alpha.step)) == (1, 1, 0)
     assert changed(two_phase.actor.params, agent.actor.params) and changed(two_phase.critic.params, agent.critic.params)
 
     assert tiny_args().schedule == "three-phase"  # the authors' default
-    three_phase, info = O.make_updates(tiny_args(), 3, 11.0, 5.0)[0](copy(), buf)
+    three_phase, info = unstack(O.make_updates(tiny_args(), 3, 11.0, 5.0)[0](copy(), stack(buf)))
     _, k_batch, _, k_eq12 = jax.random.split(agent.key, 4)
     b = sample_chunks(buf, k_batch, 8, 5, 0.99)
     expected, eq12_info = eq12_step(two_phase, b, k_eq12, 11.0)
@@ -380,30 +392,37 @@ class InterruptAt(gym.Wrapper):
             os.kill(os.getpid(), signal.SIGINT)
         return self.env.step(action)
 
+    def get_state(self):  # for the checkpoint the Ctrl-C writes
+        return self.env.get_state()
+
 
 def test_decoded_two_phase_run_shifts_robomimic_rewards_grows_the_buffer_and_stops_on_ctrl_c(data_dir, tmp_path, monkeypatch):
-    """In-process: Flow-T, the paper's two-phase schedule, a Robomimic-labelled dataset; Ctrl-C at online step 150."""
+    """In-process: Flow-T, the paper's two-phase schedule, a Robomimic-labelled dataset; Ctrl-C at online step 150
+    (run step 170) checkpoints and stops."""
     monkeypatch.chdir(tmp_path)
-    make_env = O.make_env  # the training env (seeded --seed) is interrupted, not the evaluation env
-    monkeypatch.setattr(O, "make_env", lambda env_id, seed: InterruptAt(make_env(env_id, seed), 150) if seed == 1 else make_env(env_id, seed))
+    make_env = common.env.make_env  # the training env (seeded --seed) is interrupted, not the evaluation env
+    monkeypatch.setattr(common.env, "make_env", lambda env_id, seed, render=False:
+                        InterruptAt(make_env(env_id, seed, render), 150) if seed == 1 else make_env(env_id, seed, render))
     args = tiny_args("decoded", env_id="Hopper-v4", dataset=robomimic_copy(data_dir, tmp_path), schedule="two-phase",
-                     offline_steps=20, online_steps=1000, learning_starts=50, log_every=10, eval_every=100, eval_episodes=1)
+                     offline_steps=20, total_timesteps=1000, learning_starts=50, log_every=10, eval_every=100, eval_episodes=1)
     out = O.train(args)
-    assert out["stopped"] == "SIGINT" and out["compiles"] == (1, 1) and out["bc_weights"] == (10000.0, 1000.0)
-    n, buf = out["n_data"], jax.device_get(out["buffer"])
-    assert int(buf.size) == n + 150  # the dataset, then every online step up to the Ctrl-C
+    assert out["stopped"] == "SIGINT" and out["compiles"] == 2 and out["bc_weights"] == (10000.0, 1000.0)
+    assert [step for step, _ in list_checkpoints(out["run_dir"])] == [170]
+    n, buf = out["n_data"], jax.device_get(unstack(out["buffer"]))
+    assert int(buf.size) == int(buf.pos) == n + 150  # the dataset, then every online step up to the Ctrl-C
     plain = load_dataset(str(data_dir / "hopper.hdf5"), "Hopper-v4")
     np.testing.assert_allclose(buf.rewards[:n], plain["rewards"] - 1.0)
     # Each online episode's stored rewards sum to the env's return minus its length (r - 1 per step).
     ends = np.flatnonzero(buf.ends[n:n + 150])
-    assert len(out["episodes"]["returns"]) == len(ends) >= 1
-    assert buf.rewards[n:n + ends[0] + 1].sum() == pytest.approx(out["episodes"]["returns"][0] - (ends[0] + 1), rel=1e-4)
+    assert len(out["returns"][0]) == len(ends) >= 1
+    assert buf.rewards[n:n + ends[0] + 1].sum() == pytest.approx(out["returns"][0][0] - (ends[0] + 1), rel=1e-4)
     s = read_scalars(out["run_dir"])  # the logs were written and closed
-    assert sorted(k for k in s if k.startswith("losses/offline_")) == [f"losses/offline_{k}" for k in ("flow_loss", "qf_loss", "qf_values")]
-    assert [p[0] for p in s["losses/offline_flow_loss"]] == [10, 20]
-    for name in ONLINE:  # updates from online step 50: logged at 50, 60, ..., 150
-        assert [p[0] for p in s[f"losses/online_{name}"]] == list(range(20 + 50, 20 + 151, 10)) and all_finite(s[f"losses/online_{name}"])
-    assert [p[0] for p in s["eval/offline_episodic_return"]] == [20] and [p[0] for p in s["eval/online_episodic_return"]] == [120]
+    assert sorted(k for k in s if k.startswith("losses/")) == [f"losses/{k}" for k in sorted(["flow_loss"] + ONLINE)]
+    assert [p[0] for p in s["losses/flow_loss"]] == [10, 20]
+    for name in ONLINE:  # updates after online step 50 (run step 70): logged at 80, 90, ..., 170
+        assert [p[0] for p in s[f"losses/{name}"]] == [*([10, 20] if name.startswith("qf") else []), *range(80, 171, 10)]
+        assert all_finite(s[f"losses/{name}"])
+    assert [p[0] for p in s["eval/episodic_return"]] == [20, 100]  # the end of the offline phase, then every 100 steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,8 +437,8 @@ def test_pretraining_fits_the_demonstrations(velocity, data_dir):
                                schedule="two-phase", batch_size=128, learning_rate=1e-3, critic_width=16, critic_depth=1, **small)
     data = load_dataset(args.dataset, "Hopper-v4")
     H, A = args.horizon, 3
-    buf = sequence_buffer(data, len(data["obs"]))
-    agent = O.create_agent(args, 11, H * A, jax.random.PRNGKey(0))
+    buf = chunk_buffer(data, len(data["obs"]))
+    agent = stack(O.create_agent(args, 11, A, jax.random.PRNGKey(0)))  # one seed
     offline, _ = O.make_updates(args, A, 0.0, 0.0)
     sample = O.make_sampler(args, agent.actor.apply_fn, H * A)
     actor_apply = agent.actor.apply_fn
@@ -434,10 +453,11 @@ def test_pretraining_fits_the_demonstrations(velocity, data_dir):
         a, _ = sample(params, held.obs, jax.random.PRNGKey(7), args.act_noise_std)  # the sampled chunk at the data's states
         return O.flow_matching_loss(v, x0, held.actions, held.valid), O.bc_loss(a.reshape(held.actions.shape), held.actions, held.valid)
 
-    before, imitation_before = map(float, fm_loss_and_imitation(agent.actor.params))
+    before, imitation_before = map(float, fm_loss_and_imitation(unstack(agent.actor.params)))
+    seed_buf = stack(buf)
     for _ in range(800):
-        agent, info = offline(agent, buf)
-    after, imitation_after = map(float, fm_loss_and_imitation(agent.actor.params))
+        agent, info = offline(agent, seed_buf)
+    after, imitation_after = map(float, fm_loss_and_imitation(unstack(agent.actor.params)))
     assert np.all(np.asarray(info["finite"]))
     print(f"{velocity}: flow-matching loss {before:.3f} -> {after:.3f}, imitation error {imitation_before:.3f} -> {imitation_after:.3f}")
     assert after < 0.6 * before, (before, after)
@@ -456,19 +476,56 @@ def test_gated_three_phase_offline_then_online_from_the_command_line(data_dir, t
     assert r.returncode == 0, r.stderr[-3000:]
     assert "BC weight 300 offline, 300 online (the paper's Table 4 for cube-double)" in r.stdout
     s = read_scalars(only_run_dir(tmp_path))
-    for name in ["flow_loss"] + ONLINE:  # three-phase: Eq. 12 and alpha run offline too
-        points = s[f"losses/offline_{name}"]
-        assert [p[0] for p in points] == [50, 100, 150] and all_finite(points), name
-    for name in ONLINE:  # updates from online step 60
-        points = s[f"losses/online_{name}"]
-        assert [p[0] for p in points] == [150 + 100, 150 + 150] and all_finite(points), name
-    for tag in ("episodic_return", "success_rate"):  # OGBench reports success; both are logged per phase
-        assert [p[0] for p in s[f"eval/offline_{tag}"]] == [150]
-        assert [p[0] for p in s[f"eval/online_{tag}"]] == [300]
-    assert s["charts/SPS"] and s["charts/offline_updates_per_s"]
-    assert_wandb_matches_tensorboard(only_run_dir(tmp_path), ["losses/offline_flow_loss", "losses/online_qf_loss",
-                                                              "eval/online_episodic_return", "charts/SPS"],
-                                     {"velocity": "gated", "schedule": "three-phase"})
+    assert [p[0] for p in s["losses/flow_loss"]] == [50, 100, 150] and all_finite(s["losses/flow_loss"])
+    for name in ONLINE:  # three-phase: Eq. 12 and alpha run offline too; online updates after online step 60
+        points = s[f"losses/{name}"]
+        assert [p[0] for p in points] == [50, 100, 150, 150 + 100, 150 + 150] and all_finite(points), name
+    for tag in ("episodic_return", "success_rate"):  # OGBench reports success: the end of each phase
+        assert [p[0] for p in s[f"eval/{tag}"]] == [150, 300]
+    assert s["charts/SPS"]
+    assert_wandb_matches_tensorboard(only_run_dir(tmp_path), ["losses/flow_loss", "losses/qf_loss", "eval/episodic_return",
+                                                              "charts/SPS"], {"velocity": "gated", "schedule": "three-phase"})
+    # --eval-only rebuilds the actor from the run's last checkpoint and reports OGBench's success rate.
+    r = run_script("sac_flow_o2o.py", ["--eval-only", "--checkpoint", only_run_dir(tmp_path), "--eval-episodes", "2"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{CUBE}: eval return" in r.stdout and "over 2 episodes, success rate" in r.stdout, r.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume: through the offline phase and the online phase, mid-chunk, many seeds
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resumed_run_is_bit_identical_through_both_phases(data_dir, tmp_path, monkeypatch):
+    """2 seeds, 60 offline steps then 140 env steps straight == resumed at step 40 (offline) to 133 (online,
+    mid-chunk), then to 200: agent, acting state (keys, chunks), buffer, envs, RNGs and the logs."""
+    monkeypatch.chdir(tmp_path)
+    base = ["--env-id", "Hopper-v4", "--dataset", str(data_dir / "hopper.npz"), "--num-seeds", "2", "--offline-steps", "60",
+            "--learning-starts", "30", "--batch-size", "16", "--critic-width", "32", "--critic-depth", "1", "--flow-steps", "2",
+            "--hidden-dim", "16", "--time-emb-dim", "8", "--log-every", "10", "--eval-every", "50", "--eval-episodes", "1",
+            "--no-progress"]
+    assert O.main(base + ["--total-timesteps", "140", "--exp-name", "straight"]) == 0
+    # The offline phase alone, checkpointed at 40 and 60; the resume starts from 40 (the newer one removed).
+    assert O.main(base + ["--total-timesteps", "0", "--checkpoint-every", "40", "--exp-name", "pieces"]) == 0
+    (straight,), (pieces,) = ([os.path.dirname(d) for d in glob.glob(f"runs/*__{name}__*/checkpoints")]
+                              for name in ("straight", "pieces"))  # the run folder (the seeds' logs are beside it)
+    assert [step for step, _ in list_checkpoints(pieces)] == [40, 60]
+    os.unlink(list_checkpoints(pieces)[-1][1])
+    assert O.main(["--resume", pieces, "--total-timesteps", "73", "--no-progress"]) == 0
+    ckpt = read_container(list_checkpoints(pieces)[-1][1], "test")
+    assert ckpt["step"] == 133 and np.any(ckpt["state"]["k_act"]["2"] > 0)  # online, a chunk partly played
+    assert O.main(["--resume", pieces, "--total-timesteps", "140", "--no-progress"]) == 0
+    done = {name: read_container(list_checkpoints(folder)[-1][1], "test") for name, folder in
+            (("straight", straight), ("pieces", pieces))}
+    assert done["straight"]["step"] == done["pieces"]["step"] == 200
+    for key in ["state", "buffer", "env", "obs", "rng"]:
+        assert_same_tree(done["straight"][key], done["pieces"][key], key)
+    for seed in (1, 2):
+        logs_straight, logs_resumed = read_scalars(f"{straight}__s{seed}"), read_scalars(f"{pieces}__s{seed}")
+        assert sorted(logs_straight) == sorted(logs_resumed)
+        for tag, points in logs_straight.items():
+            if not tag.startswith("charts/SPS"):
+                assert logs_resumed[tag] == points, tag
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,7 +542,10 @@ BASE = ["--env-id", "Hopper-v4", "--dataset", "{hopper}"]
     ([*BASE, "--noise-std", "0"], "--noise-std must be positive"),
     ([*BASE, "--bc-weight", "-1"], "--bc-weight must be >= 0"),
     ([*BASE, "--online-bc-weight", "-1"], "--online-bc-weight must be >= 0"),
-    ([*BASE, "--online-steps", "-5"], "--online-steps must be >= 0"),
+    ([*BASE, "--online-steps", "-5"], "--total-timesteps must be >= 0"),
+    ([*BASE, "--offline-steps", "-1"], "--offline-steps must be >= 0"),
+    ([*BASE, "--resume", "nowhere"], "--resume 'nowhere' does not exist"),
+    (["--eval-only"], "--eval-only needs --checkpoint"),
     ([*BASE, "--time-emb-dim", "7"], "--time-emb-dim must be an even number"),
     ([*BASE, "--d-model", "10", "--n-heads", "4"], "a multiple of --n-heads 4"),
     ([*BASE, "--gamma", "1.5"], "--gamma must be in [0.0, 1.0]"),
