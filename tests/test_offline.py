@@ -528,6 +528,28 @@ def test_resumed_run_is_bit_identical_through_both_phases(data_dir, tmp_path, mo
                 assert logs_resumed[tag] == points, tag
 
 
+def test_a_nan_online_reward_stops_the_run_with_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    real, calls = common.env.env_step, [0]
+
+    def env_step(env, obs, action):  # the 40th online step's reward is NaN
+        transition, obs, episode = real(env, obs, action)
+        calls[0] += 1
+        return (transition[:2] + (np.float32("nan"),) + transition[3:] if calls[0] == 40 else transition), obs, episode
+
+    monkeypatch.setattr(common.env, "env_step", env_step)
+    argv = ["--env-id", "Hopper-v4", "--dataset", str(data_dir / "hopper.npz"), "--offline-steps", "20", "--total-timesteps",
+            "3000", "--learning-starts", "10", "--batch-size", "512", "--critic-width", "16", "--critic-depth", "1",
+            "--flow-steps", "2", "--hidden-dim", "16", "--time-emb-dim", "8", "--checkpoint-every", "50", "--eval-episodes", "0",
+            "--no-progress"]
+    assert O.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "losses/qf_loss" in err[0] and "became NaN or infinite at step" in err[0], err
+    assert 20 + 40 <= int(err[0].split("at step ")[1].split(":")[0]) <= 3020  # once a batch holds the NaN row
+    (run_dir,) = glob.glob("runs/*")
+    assert f"the last good checkpoint is {list_checkpoints(run_dir)[-1][1]}" in err[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # Refusals: one line, exit 2, nothing created
 # ---------------------------------------------------------------------------------------------
