@@ -20,7 +20,7 @@ Schedule (--schedule; the default is the authors' main_action_reg_three_phase.py
 | Eq. 6 | Flow-G velocity v = sigmoid(g) * (c - x) | GatedVelocity (TimeEmbedding) |
 | Eq. 7-9 | Flow-T velocity: pre-norm decoder blocks over one action-time token | DecodedVelocity (DecoderBlock, MultiHeadAttention) |
 | Eq. 13 | noise-augmented rollout, fixed noise sigma_k sqrt(dt) = --noise-std | flow_rollout, make_sampler |
-| Eq. 15 | path log-density log pi = log N(x_0) + sum_k log N(x_{k+1}; mean_k, std_k) - log|da/dx_K| | path_log_prob (gaussian_log_prob, tanh_log_det) |
+| Eq. 15 | path log-density log pi = log N(x_0) + sum_k log N(x_{k+1}; mean_k, std_k) - log|da/dx_K| | path_log_prob (gaussian_log_prob) |
 | Eq. 12 | actor: beta ||a_pi - a_data||^2 + mean(alpha log pi - mean_i Q_i(s, a_pi)) | bc_loss, eq12_step |
 | H-step TD | y = sum_k gamma^k r_{t+k} + gamma^H (1 - done) (mean_i Q'_i(s_{t+H}, a') - alpha log pi(a'|s_{t+H})) | chunk_td_loss (chunks: sample_chunks) |
 | alpha | authors: alpha (mean log pi - target); Eq. 24: alpha (-mean log pi - target) | alpha_loss |
@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import Annotated, Callable, Literal, NamedTuple, Optional
+from typing import Annotated, Literal, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -207,7 +207,6 @@ class TimeEmbedding(nn.Module):
 class GatedVelocity(nn.Module):
     """Flow-G (Eq. 6): z = sigmoid(g(u, t)), h = c(u, t), v = z * (h - x), u = [s, x].
 
-    With `norm` (the authors' actor), u is batch-renormalised by one layer shared by all K steps.
     The gate's last layer starts with zero weights and bias 5, so z = sigmoid(5) = 0.993 for every
     input: each step starts close to the plain x + dt * (h - x) update, and the gate learns where to
     hold x back, which bounds how much a step can amplify the gradient flowing through it."""
@@ -215,12 +214,10 @@ class GatedVelocity(nn.Module):
     act_dim: int
     hidden_dim: int
     time_emb_dim: int
-    norm: Optional[nn.Module] = None
 
     @nn.compact
     def __call__(self, s, x, t):
-        u = jnp.concatenate([s, x], axis=-1)
-        features = jnp.concatenate([u if self.norm is None else self.norm(u), TimeEmbedding(self.time_emb_dim)(t)], axis=-1)
+        features = jnp.concatenate([s, x, TimeEmbedding(self.time_emb_dim)(t)], axis=-1)
         gate_logit = nn.Dense(self.act_dim, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.constant(5.0),
                               name="gate_out")(nn.swish(nn.Dense(self.hidden_dim, name="gate_hidden")(features)))
         z = nn.sigmoid(gate_logit)
@@ -254,16 +251,12 @@ class MultiHeadAttention(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """One decoder block (Eq. 8): self-attention under a diagonal mask (each token attends only to
-    itself, no mixing across rollout steps), cross-attention to the state, feed-forward (GELU).
-
-    With `norm` (a batch-renorm factory: the authors' actor) each sublayer is post-normalised,
-    x <- BRN(x + f(x)); without it each is pre-normalised with LayerNorm, x <- x + f(LN(x)), which
-    keeps the residual path an identity."""
+    """One decoder block (Eq. 8), pre-normalised, x <- x + f(LN(x)) for each sublayer: self-attention under a
+    diagonal mask (each token attends only to itself, no mixing across rollout steps), cross-attention to the
+    state, feed-forward (GELU)."""
 
     d_model: int
     n_heads: int
-    norm: Optional[Callable[..., nn.Module]] = None
 
     @nn.compact
     def __call__(self, tokens, state_tokens):
@@ -274,54 +267,38 @@ class DecoderBlock(nn.Module):
             "ffn": lambda y: nn.Dense(self.d_model)(nn.gelu(nn.Dense(4 * self.d_model)(y))),
         }
         for name, sublayer in sublayers.items():
-            if self.norm is None:
-                tokens = tokens + sublayer(nn.LayerNorm(name=f"norm_{name}")(tokens))
-            else:
-                tokens = self.norm(name=f"norm_{name}")(tokens + sublayer(tokens))
+            tokens = tokens + sublayer(nn.LayerNorm(name=f"norm_{name}")(tokens))
         return tokens
 
 
 class DecodedVelocity(nn.Module):
-    """Flow-T (Eq. 7-9): token = W_x x_k + time_mlp(t_k), state token = enc(s); n_layers decoder
-    blocks refine the token; a linear head gives v. One token per rollout step: with the diagonal
-    mask its self-attention weight is exactly 1.
-
-    With `norm` (the authors' actor): the observation is batch-renormalised before the state
-    encoder, x_k by a layer of its own at each of the `flow_steps` steps, and the blocks are
-    post-normalised. Without it: the pre-norm LayerNorm blocks and a final LayerNorm. The state
-    token is computed once per rollout (`encode_state`); `__call__` returns v and the decoder output."""
+    """Flow-T (Eq. 7-9): token = W_x x_k + time_mlp(t_k), state token = enc(s); n_layers decoder blocks refine
+    the token; a final LayerNorm and a linear head give v. One token per rollout step: with the diagonal mask
+    its self-attention weight is exactly 1. The state token is computed once per rollout (`encode_state`)."""
 
     act_dim: int
     d_model: int
     n_heads: int
     n_layers: int
-    norm: Optional[Callable[..., nn.Module]] = None
-    flow_steps: int = 1
 
     def setup(self):
         d = self.d_model
         self.time_mlp = [nn.Dense(d // 4), nn.Dense(d // 2), nn.Dense(d)]
         self.state_encoder = [nn.Dense(d // 2), nn.Dense(d)]
         self.action_embedding = nn.Dense(d)
-        self.blocks = [DecoderBlock(d, self.n_heads, self.norm) for _ in range(self.n_layers)]
-        if self.norm is None:
-            self.norm_out = nn.LayerNorm()
-        else:
-            self.state_norm = self.norm()
-            self.x_norms = [self.norm() for _ in range(self.flow_steps)]
+        self.blocks = [DecoderBlock(d, self.n_heads) for _ in range(self.n_layers)]
+        self.norm_out = nn.LayerNorm()
         self.velocity_head = nn.Dense(self.act_dim)
 
     def encode_state(self, s):
-        s = s if self.norm is None else self.state_norm(s)
         return self.state_encoder[1](nn.silu(self.state_encoder[0](s)))[..., None, :]
 
-    def __call__(self, state_token, x, t, k: int = 0):
+    def __call__(self, state_token, x, t):
         time = self.time_mlp[2](nn.silu(self.time_mlp[1](nn.silu(self.time_mlp[0](t)))))
-        token = (self.action_embedding(x if self.norm is None else self.x_norms[k](x)) + time)[..., None, :]
+        token = (self.action_embedding(x) + time)[..., None, :]
         for block in self.blocks:
             token = block(token, state_token)
-        h = token[..., 0, :] if self.norm is not None else self.norm_out(token[..., 0, :])
-        return self.velocity_head(h), h
+        return self.velocity_head(self.norm_out(token[..., 0, :]))
 
 
 class ChunkVelocity(nn.Module):
@@ -338,7 +315,7 @@ class ChunkVelocity(nn.Module):
         if a.velocity == "gated":
             return GatedVelocity(self.chunk_dim, a.hidden_dim, a.time_emb_dim, name="velocity")(s, x, t)
         velocity = DecodedVelocity(self.chunk_dim, a.d_model, a.n_heads, a.n_layers, name="velocity")
-        return velocity(velocity.encode_state(s), x, t)[0]
+        return velocity(velocity.encode_state(s), x, t)
 
 
 def make_velocity(args: Args, chunk_dim: int) -> nn.Module:
@@ -363,86 +340,50 @@ def marginal_drift(v, x, t, sigma):
 DRIFTS = {"plain": plain_drift, "marginal": marginal_drift}
 
 
-def step_std(sigma, dt: float, step_noise: str):
-    """The std of one rollout step's Gaussian: sigma (the authors' Flow-G), sigma * dt (the authors'
-    Flow-T, noise on the velocity) or sigma * sqrt(dt) (Euler-Maruyama)."""
-    return sigma * {"sigma": 1.0, "sigma-dt": dt, "sqrt-dt": dt**0.5}[step_noise]
-
-
 def gaussian_log_prob(x, mean, std):
     """log N(x; mean, diag(std^2)), summed over the last axis, with its -log std terms."""
     z = (x - mean) / std
     return jnp.sum(-0.5 * z**2 - jnp.log(std) - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1)
 
 
-def tanh_log_det(x_final, scale):
-    """log |da/dx_K| of a = tanh(x_K) * scale + bias, per dimension log(scale (1 - tanh^2) + 1e-6)."""
-    return jnp.sum(jnp.log(scale * (1.0 - jnp.tanh(x_final) ** 2) + 1e-6), axis=-1)
-
-
-def path_log_prob(xs, means, stds, scale=1.0):
-    """Joint log-density of the path (x_0, ..., x_K) and the squashed action (Eq. 15):
-    log N(x_0; 0, I) + sum_k log N(x_{k+1}; x_k + dt b_k, std_k^2 I) - log |da/dx_K|, every -log std
-    term included; `scale` is the action's half-range in the units the density is measured in."""
+def path_log_prob(xs, means, stds):
+    """Joint log-density of the path (x_0, ..., x_K) and the squashed chunk a = tanh(x_K) (Eq. 15):
+    log N(x_0; 0, I) + sum_k log N(x_{k+1}; x_k + dt b_k, std_k^2 I) - sum log(1 - tanh(x_K)^2 + 1e-6)."""
     log_prob = gaussian_log_prob(xs[0], 0.0, 1.0)
     for k in range(len(means)):
         log_prob = log_prob + gaussian_log_prob(xs[k + 1], means[k], stds[k])
-    return log_prob - tanh_log_det(xs[-1], scale)
+    return log_prob - jnp.sum(jnp.log(1.0 - jnp.tanh(xs[-1]) ** 2 + 1e-6), axis=-1)
 
 
-def flow_rollout(step_fn, shape, key, steps: int, drift: str = "plain", step_noise: str = "sqrt-dt",
-                 deterministic: bool = False, perturb=None, units_scale=1.0):
-    """Sample a = tanh(x_K) in [-1, 1] by the noise-augmented rollout (Eq. 13):
-    x_0 ~ N(0, I); x_{k+1} = x_k + dt b_k + std_k eps_k, t_k = k / K, std_k = step_std(sigma_k).
-
-    `step_fn(x, t, k)` returns (v, log sigma) at step k. Deterministic: x_0 = 0 and no step noise,
-    i.e. the Euler-integrated flow ODE (both drifts reduce to v at sigma = 0). `perturb` (K, ...,
-    act_dim), zeros, is added to each x_k so that its gradient is d loss / d x_k, the backward pass
-    of the rollout seen as an RNN. log pi is measured in units where the action's half-range is
-    `units_scale` (the env's, with --action-units env). Returns the action, log pi (None when
-    deterministic) and the path with the mean log sigma."""
+def flow_rollout(velocity, shape, key, steps: int, log_sigma, drift: str = "plain"):
+    """Sample a = tanh(x_K) in [-1, 1] by the noise-augmented rollout (Eq. 13) with a fixed noise level:
+    x_0 ~ N(0, I); x_{k+1} = x_k + dt b_k + sigma sqrt(dt) eps_k, t_k = k / K, b_k the drift of
+    v_k = velocity(x_k, t_k). Returns the chunk and its log pi (Eq. 15)."""
     keys = jax.random.split(key, steps + 1)
-    x = jnp.zeros(shape) if deterministic else jax.random.normal(keys[0], shape)
+    x = jax.random.normal(keys[0], shape)
     dt = 1.0 / steps
-    xs, means, stds, log_stds = [], [], [], []
+    sigma = jnp.exp(log_sigma)
+    std = sigma * dt**0.5
+    xs, means = [], []
     for k in range(steps):
         xs.append(x)
-        if perturb is not None:
-            # Added to the state carried into step k only, not to the density's x_k: with the noise
-            # held fixed (reparameterised), the gradient is the recurrence's own d loss / d x_k,
-            # without the score term -(x_k - mean) / std^2 of the previous transition.
-            x = x + perturb[k]
         t = k * dt
-        v, log_std = step_fn(x, t, k)
-        if deterministic:
-            x = x + dt * v
-            continue
-        sigma = jnp.exp(log_std)
-        mean = x + dt * DRIFTS[drift](v, x, t, sigma)
-        std = step_std(sigma, dt, step_noise)
+        mean = x + dt * DRIFTS[drift](velocity(x, t), x, t, sigma)
         x = mean + std * jax.random.normal(keys[k + 1], shape)
         means.append(mean)
-        stds.append(std)
-        log_stds.append(log_std)
     xs.append(x)
-    action = jnp.tanh(x)
-    if deterministic:
-        return action, None, {"xs": xs}
-    return action, path_log_prob(xs, means, stds, units_scale), {"xs": xs, "log_std": jnp.mean(jnp.stack(log_stds))}
-
+    return jnp.tanh(x), path_log_prob(xs, means, [std] * steps)
 
 
 def make_sampler(args: Args, velocity_apply, chunk_dim: int):
     """pi(chunk | s) with fixed noise: sampler(params, s, key, noise_std) -> (chunk in [-1, 1], log pi). Every
-    step's Gaussian has std noise_std, i.e. sigma_k = noise_std / sqrt(dt) in flow_rollout's terms."""
+    step's Gaussian has std noise_std, i.e. sigma = noise_std / sqrt(dt) in flow_rollout's terms."""
     log_sqrt_k = 0.5 * jnp.log(float(args.flow_steps))
 
     def sample(params, s, key, noise_std):
-        def step_fn(x, t, k):
-            v = velocity_apply(params, s, x, jnp.full(x.shape[:-1] + (1,), t))
-            return v, jnp.full(x.shape, jnp.log(noise_std) + log_sqrt_k)
-
-        return flow_rollout(step_fn, s.shape[:-1] + (chunk_dim,), key, args.flow_steps, args.drift, "sqrt-dt")[:2]
+        shape = s.shape[:-1] + (chunk_dim,)
+        velocity = lambda x, t: velocity_apply(params, s, x, jnp.full(x.shape[:-1] + (1,), t))
+        return flow_rollout(velocity, shape, key, args.flow_steps, jnp.full(shape, jnp.log(noise_std) + log_sqrt_k), args.drift)
 
     return sample
 
