@@ -18,8 +18,9 @@ gives the paper's version (docs/flowrl.md).
     Eq. 14   the weight w = f(Q^beta* - Q^pi)                         flow_matching_weight
     Eq. 13   weighted conditional flow matching                       weighted_cfm_loss
     Eq. 22   actor loss -Q^pi(s, pi(s)) + weighted CFM                actor_loss (update_actor)
-    Alg. 1   critics every step; actor and targets every 2nd          make_update; the loop in train
-    (code)   batches: 20% from the newest 2,048 transitions            sample_batch
+    Alg. 1   critics every step; actor and targets on the 1st, 3rd, ...  make_update; the loop in train
+    (code)   batches: 20% from the newest 2,048 transitions, each      sample_batch, distinct_randint
+             part without replacement
 
 Everything around the loop (run folder, logs, evaluation, checkpoints, resume, seeds) is common/run.py.
 """
@@ -66,8 +67,8 @@ class Args(RunArgs):
     learning_rate: float = 3e-4
     """Adam learning rate of the actor, both critics and V"""
     policy_delay: Annotated[int, tyro.conf.arg(aliases=("--policy-frequency",))] = 2
-    """update the actor and the target networks every this many critic updates (also --policy-frequency, its name
-    before 2026-12)"""
+    """update the actor and the target networks on the first critic update and every this many after (the authors'
+    1st, 3rd, ...; also --policy-frequency, its name before 2026-12)"""
     hidden_dim: int = 512
     """width of every hidden layer"""
     flow_steps: int = 1
@@ -250,19 +251,40 @@ def make_policy(args: Args, actor_apply, act_dim: int):
     return policy
 
 
+def distinct_randint(key, k: int, n):
+    """k integers uniform in [0, n) drawn without replacement (the first n of them when n < k; the rest repeat),
+    as Python's random.sample draws the authors' batches. Every position that repeats an earlier one is
+    redrawn until none does: the same result as drawing the positions one by one, each uniform over the
+    values not yet taken, in a few rounds of k x k comparisons rather than k dependent steps."""
+    earlier = jnp.tril(jnp.ones((k, k), bool), -1)
+    may_differ = jnp.arange(k) < n
+
+    def repeats(idx):
+        return jnp.any((idx[:, None] == idx[None, :]) & earlier, axis=1) & may_differ
+
+    def redraw(state):
+        key, idx = state
+        key, sub = jax.random.split(key)
+        return key, jnp.where(repeats(idx), jax.random.randint(sub, (k,), 0, n), idx)
+
+    first, key = jax.random.split(key)
+    return jax.lax.while_loop(lambda state: jnp.any(repeats(state[1])), redraw, (key, jax.random.randint(first, (k,), 0, n)))[1]
+
+
 def sample_batch(buf: ReplayBuffer, key, batch_size: int, recent_frac: float, recent_size: int) -> Batch:
-    """The authors' batch: a share `recent_frac` of it uniformly from the newest `recent_size` transitions (across the
-    ring's wrap), the rest uniformly from every filled slot, both with replacement."""
+    """The authors' batch: int(batch_size (1 - recent_frac)) transitions from every filled slot, the rest from the
+    newest `recent_size` (across the ring's wrap), each part without replacement (distinct_randint)."""
     capacity = buf.obs.shape[0]
-    n_recent = int(round(batch_size * recent_frac)) if recent_size > 0 else 0
+    n_uniform = int(batch_size * (1.0 - recent_frac)) if recent_size > 0 else batch_size
     k_uniform, k_recent = jax.random.split(key)
-    uniform = jax.random.randint(k_uniform, (batch_size - n_recent,), 0, buf.size)
-    back = jax.random.randint(k_recent, (n_recent,), 0, jnp.minimum(recent_size, buf.size))
+    uniform = distinct_randint(k_uniform, n_uniform, buf.size)
+    back = distinct_randint(k_recent, batch_size - n_uniform, jnp.minimum(recent_size, buf.size))
     return buffer_gather(buf, jnp.concatenate([uniform, (buf.pos - 1 - back) % capacity]))
 
 
 def update_critics(args: Args, act_dim: int, agent: Agent, b: Batch, key):
-    """One step on Q^pi (Eq. 3), Q^beta* (Eq. 19) and V (Eq. 18), all from the same batch."""
+    """One step on Q^pi (Eq. 3), Q^beta* (Eq. 19) and V (Eq. 18), all from the same batch. Also returns
+    min_i Q^beta*_i(s, a) on the batch from before its step, which the flow-matching weight uses (the authors')."""
     q_apply, v_apply = agent.critic.apply_fn, agent.value.apply_fn
     policy = make_policy(args, agent.actor.apply_fn, act_dim)
     mask = 1.0 - b.terminated  # truncated transitions were stored with terminated = 0: they bootstrap
@@ -300,16 +322,16 @@ def update_critics(args: Args, act_dim: int, agent: Agent, b: Batch, key):
 
     info = {"qf_loss": qf_loss, "qf_values": jnp.mean(q_data), "q_beta_loss": qb_loss,
             "q_beta_values": jnp.mean(qb_data), "value_loss": v_loss, "v_values": jnp.mean(v_pred)}
-    return agent.replace(critic=critic, q_beta=q_beta, value=value), info
+    return agent.replace(critic=critic, q_beta=q_beta, value=value), info, jnp.min(qb_data, axis=0)
 
 
-def update_actor(args: Args, act_dim: int, agent: Agent, b: Batch, key) -> Agent:
-    """One step on the actor loss -Q^pi + weighted CFM (Eq. 22), then the soft target updates."""
+def update_actor(args: Args, act_dim: int, agent: Agent, b: Batch, q_beta_data, key) -> Agent:
+    """One step on the actor loss -Q^pi + weighted CFM (Eq. 22), then the soft target updates. The weight
+    compares the best buffer policy's value, `q_beta_data` (Q^beta* before this step's update, as the authors
+    compute it), with the current policy's under the just-updated Q^pi (Eq. 14)."""
     q_apply = agent.critic.apply_fn
     policy = make_policy(args, agent.actor.apply_fn, act_dim)
     k_pi, k_a0, k_t = jax.random.split(key, 3)
-    # The weight compares the best buffer policy's value with the current policy's (Eq. 14).
-    q_beta_data = jnp.min(q_apply(agent.q_beta.params, b.obs, b.actions), axis=0)
     a0 = sample_a0(k_a0, b.actions.shape)
     t = jax.random.uniform(k_t, b.actions.shape[:-1] + (1,))
     if args.cfm_target == "pre-tanh":
@@ -337,15 +359,16 @@ def update_actor(args: Args, act_dim: int, agent: Agent, b: Batch, key) -> Agent
 
 def make_update(args: Args, act_dim: int, sharding=None):
     """The whole gradient step of every seed as one jitted call: sample a batch on device, update the
-    critics, and every `policy_delay` calls the actor and the targets (Alg. 1). No host round-trip inside.
+    critics, and on the first and every `policy_delay`-th call after it the actor and the targets (Alg. 1). No host
+    round-trip inside.
     The buffer is only read here (inserting is its own donated call): XLA would otherwise copy the
     whole buffer on every step."""
 
     def update(agent: Agent, buf: ReplayBuffer, do_actor):
         key, k_batch, k_critic, k_actor = jax.random.split(agent.key, 4)
         b = sample_batch(buf, k_batch, args.batch_size, args.recent_frac, args.recent_size)
-        agent, info = update_critics(args, act_dim, agent, b, k_critic)
-        agent = jax.lax.cond(do_actor, lambda a: update_actor(args, act_dim, a, b, k_actor), lambda a: a, agent)
+        agent, info, q_beta_data = update_critics(args, act_dim, agent, b, k_critic)
+        agent = jax.lax.cond(do_actor, lambda a: update_actor(args, act_dim, a, b, q_beta_data, k_actor), lambda a: a, agent)
         agent = agent.replace(key=key, updates=agent.updates + 1)
         metrics = {**info, **agent.actor_info}
         return agent, {**metrics, "finite": finite_flags(metrics)}  # one flag per metric, for the divergence check
@@ -353,7 +376,7 @@ def make_update(args: Args, act_dim: int, sharding=None):
     def update_seeds(agent: Agent, buf: ReplayBuffer):
         # Every seed is at the same update, so the policy delay is decided once, outside the vmap: a
         # per-seed predicate would turn lax.cond into a select that runs the actor update every step.
-        do_actor = (agent.updates[0] + 1) % args.policy_delay == 0
+        do_actor = agent.updates[0] % args.policy_delay == 0  # the 1st, 3rd, ... update, as the authors' loop
         return seed_map(update, args.num_seeds, in_axes=(0, 0, None))(agent, buf, do_actor)
 
     # The agent is not donated: with its buffers aliased to the outputs, XLA copies the weights and Adam moments

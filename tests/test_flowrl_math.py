@@ -88,7 +88,7 @@ def test_the_authors_batch_never_reads_empty_slots():
 
 
 def test_recent_share_comes_from_the_newest_transitions_across_the_wrap():
-    capacity, recent, batch = 1000, 40, 2000
+    capacity, recent, batch = 1000, 40, 400
     buf = fill(buffer_init(capacity, 1, 1), range(1, 1301))  # wrapped: newest value 1300 sits in slot 299
     b = F.sample_batch(buf, jax.random.PRNGKey(1), batch, 0.25, recent)
     values = np.asarray(b.obs[:, 0])
@@ -97,7 +97,7 @@ def test_recent_share_comes_from_the_newest_transitions_across_the_wrap():
     assert newest[-batch // 4:].all()  # the recent quarter is all from the newest 40
     assert set(recent_part.astype(int)) == set(range(1261, 1301))  # and covers them
     uniform_share = newest[: -batch // 4].mean()
-    assert abs(uniform_share - recent / capacity) < 0.02  # the rest is uniform over all 1000
+    assert abs(uniform_share - recent / capacity) < 0.035  # the rest is uniform over all 1000 (3 standard errors)
     assert values.min() >= 301  # nothing older than the overwritten range
 
 
@@ -143,31 +143,71 @@ def leaves(tree):
     return jax.tree_util.tree_leaves(tree)
 
 
-def test_update_schedule_actor_and_targets_every_second_step():
+def test_update_schedule_actor_and_targets_on_the_first_and_every_second_step():
+    """The authors' loop updates the actor and the targets when updates % 2 == 0, counting from 0: the 1st, 3rd, ..."""
     args = small_args(policy_delay=2, tau=0.95)
     agent = F.create_agent(args, 3, 2, jax.random.PRNGKey(0))
     buf = filled_buffer()
     update = one_seed_update(args, 2)
     copy = lambda t: jax.tree_util.tree_map(np.array, t)
+    same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b)))
 
     actor0, target0 = copy(agent.actor.params), copy(agent.critic_target)
     agent, info = update(agent, buf)
-    actor1, target1 = copy(agent.actor.params), copy(agent.critic_target)
-    # first update: critics move, the actor and the targets do not
-    assert all(np.array_equal(x, y) for x, y in zip(leaves(actor0), leaves(actor1)))
-    assert all(np.array_equal(x, y) for x, y in zip(leaves(target0), leaves(target1)))
-    assert int(agent.actor.step) == 0 and int(agent.critic.step) == 1
-
-    agent, info = update(agent, buf)
-    assert int(agent.actor.step) == 1 and int(agent.critic.step) == 2
-    assert not all(np.array_equal(x, y) for x, y in zip(leaves(actor1), leaves(agent.actor.params)))
-    # second update: target <- 0.95 * online + 0.05 * target, with the just-updated online critic
-    for online, old, new in zip(leaves(agent.critic.params), leaves(target1), leaves(agent.critic_target)):
+    # first update: the critics, the actor and the targets move; target <- 0.95 * online + 0.05 * target, with
+    # the just-updated online critic
+    assert int(agent.actor.step) == 1 and int(agent.critic.step) == 1 and not same(actor0, agent.actor.params)
+    for online, old, new in zip(leaves(agent.critic.params), leaves(target0), leaves(agent.critic_target)):
         np.testing.assert_allclose(new, 0.95 * np.asarray(online) + 0.05 * old, rtol=1e-5, atol=1e-6)
+    actor1, target1 = copy(agent.actor.params), copy(agent.critic_target)
+    agent, info = update(agent, buf)  # second: the critics only
+    assert int(agent.actor.step) == 1 and int(agent.critic.step) == 2
+    assert same(actor1, agent.actor.params) and same(target1, agent.critic_target)
+    agent, info = update(agent, buf)  # third: the actor again
+    assert int(agent.actor.step) == 2 and not same(actor1, agent.actor.params)
     values = jax.device_get(info)
     assert values.pop("finite").all() and len(values) == 10  # one finiteness flag per logged metric
     assert all(np.isfinite(float(v)) for v in values.values())
     assert update._cache_size() == 1
+
+
+def test_flow_matching_weight_uses_q_beta_from_before_its_update():
+    """w = f(Q^beta*(s, a) - Q^pi(s, pi(s))) with Q^beta* as it was before the step's critic updates (the authors'
+    update_critic returns it from its forward pass) and Q^pi after them; recomputed here from the key splits."""
+    args = small_args(policy_delay=1, learning_rate=0.05)
+    agent = F.create_agent(args, 3, 2, jax.random.PRNGKey(4))
+    buf = filled_buffer()
+    new, info = one_seed_update(args, 2)(jax.tree_util.tree_map(jnp.array, agent), buf)
+    _, k_batch, _, k_actor = jax.random.split(agent.key, 4)
+    k_pi = jax.random.split(k_actor, 3)[0]
+    b = F.sample_batch(buf, k_batch, args.batch_size, args.recent_frac, args.recent_size)
+    q = agent.critic.apply_fn
+    q_pi = jnp.min(q(new.critic.params, b.obs, F.make_policy(args, agent.actor.apply_fn, 2)(agent.actor.params, b.obs, k_pi)), axis=0)
+    weight = lambda q_beta_params: float(jnp.mean(F.flow_matching_weight(jnp.min(q(q_beta_params, b.obs, b.actions), axis=0),
+                                                                         q_pi, args.lamda)))
+    before, after = weight(agent.q_beta.params), weight(new.q_beta.params)
+    assert float(info["weight"]) == pytest.approx(before, rel=1e-5)
+    assert abs(after - before) > 100 * 1e-5 * before  # the test can tell the two apart
+
+
+def test_distinct_randint_is_sampling_without_replacement():
+    # Every ordered triple of distinct values in [0, 5) equally likely (60 of them), as random.sample gives.
+    draws = np.asarray(jax.vmap(lambda k: F.distinct_randint(k, 3, 5))(jax.random.split(jax.random.PRNGKey(0), 30_000)))
+    assert all(len(set(row)) == 3 for row in draws) and draws.min() == 0 and draws.max() == 4
+    _, counts = np.unique(draws, axis=0, return_counts=True)
+    chi2 = float(np.sum((counts - 500.0) ** 2 / 500.0))
+    assert len(counts) == 60 and chi2 < 99.6, chi2  # the 0.1% tail of chi-square with 59 degrees of freedom
+    # Fewer values than draws: the first n take every value once, the rest repeat.
+    row = np.asarray(F.distinct_randint(jax.random.PRNGKey(1), 8, 5))
+    assert sorted(row[:5]) == [0, 1, 2, 3, 4] and row[5:].min() >= 0 and row[5:].max() <= 4
+
+
+def test_the_authors_batch_split_and_no_repeats_within_each_part():
+    buf = fill(buffer_init(10_000, 1, 1), range(1, 3001))
+    b = F.sample_batch(buf, jax.random.PRNGKey(3), 256, 0.2, 2048)
+    values = np.asarray(b.obs[:, 0]).astype(int)
+    uniform, recent = values[:204], values[204:]  # int(256 * 0.8) = 204 uniform, 52 recent, as the authors split
+    assert len(set(uniform)) == 204 and len(set(recent)) == 52 and recent.min() > 3000 - 2048
 
 
 def test_per_sample_weighting_changes_the_actor_update():
