@@ -84,6 +84,10 @@ class Args(RunArgs):
     step_noise: Literal["sigma-dt", "sqrt-dt"] = "sigma-dt"
     """std of each rollout step's noise: sigma-dt, noise on the velocity, x_{k+1} = x_k + dt (v + sigma eps) (the
     authors' code); sqrt-dt, sigma sqrt(dt) (Euler-Maruyama, which the marginal drift assumes)"""
+    log_density: Literal["authors", "complete"] = "authors"
+    """log pi of the rollout path: authors, log N(x_0) + sum_k log N(eps_k; 0, I) - log|da/dx_K|, their code's, which drops
+    every -log(sigma_k dt) term (so the entropy term gives sigma no gradient; their --target-entropy 0 was tuned with it);
+    complete, log N(x_{k+1}; mean_k, std_k) with those terms (Eq. 15), which needs its own --target-entropy"""
     log_std_input: Literal["decoder", "obs-time"] = "decoder"
     """what gives log sigma: decoder, a linear head on the decoder output, which depends on (s, x_k, t_k) (the authors'
     code); obs-time, an MLP on (s, t_k) of --log-std-hidden units (the marginal drift needs sigma independent of x)"""
@@ -310,7 +314,7 @@ class FlowPolicy(nn.Module):
             return v, log_std_of(h, t_col)
 
         return flow_rollout(step, s.shape[:-1] + (self.act_dim,), key, args.flow_steps, args.drift, args.step_noise,
-                            deterministic, perturb, units_scale)
+                            deterministic, perturb, units_scale, args.log_density)
 
 
 # --- The noise-augmented rollout and its path log-density (REFERENCE section 2, paper App. A) ---
@@ -348,29 +352,32 @@ def tanh_log_det(x_final, scale):
     return jnp.sum(jnp.log(scale * (1.0 - jnp.tanh(x_final) ** 2) + 1e-6), axis=-1)
 
 
-def path_log_prob(xs, means, stds, scale=1.0):
+def path_log_prob(xs, means, stds, scale=1.0, noises=None):
     """Joint log-density of the path (x_0, ..., x_K) and the squashed action (Eq. 15):
     log N(x_0; 0, I) + sum_k log N(x_{k+1}; x_k + dt b_k, std_k^2 I) - log |da/dx_K|, every -log std
-    term included; `scale` is the action's half-range in the units the density is measured in."""
+    term included; `scale` is the action's half-range in the units the density is measured in. Given the
+    step `noises` eps_k, the authors' form instead: log N(eps_k; 0, I) for each step, without the -log std_k
+    terms (--log-density authors)."""
     log_prob = gaussian_log_prob(xs[0], 0.0, 1.0)
     for k in range(len(means)):
-        log_prob = log_prob + gaussian_log_prob(xs[k + 1], means[k], stds[k])
+        step = gaussian_log_prob(xs[k + 1], means[k], stds[k]) if noises is None else gaussian_log_prob(noises[k], 0.0, 1.0)
+        log_prob = log_prob + step
     return log_prob - tanh_log_det(xs[-1], scale)
 
 
 def flow_rollout(step_fn, shape, key, steps: int, drift: str = "plain", step_noise: str = "sqrt-dt",
-                 deterministic: bool = False, perturb=None, units_scale=1.0):
+                 deterministic: bool = False, perturb=None, units_scale=1.0, log_density: str = "complete"):
     """Sample a = tanh(x_K) in [-1, 1] by the noise-augmented rollout (Eq. 13): x_0 ~ N(0, I);
     x_{k+1} = x_k + dt b_k + std_k eps_k, t_k = k / K, std_k = step_std(sigma_k). `step_fn(x, t, k)` returns
     (v, log sigma) at step k. Deterministic: x_0 = 0 and no step noise, the Euler-integrated flow ODE (both drifts
     reduce to v at sigma = 0). `perturb` (K, ..., act_dim), zeros, is added to each x_k so that its gradient is
     d loss / d x_k, the backward pass of the rollout seen as an RNN. log pi is in units where the action's half-range
-    is `units_scale` (the env's, with --action-units env). Returns the action, log pi (None when deterministic) and
-    the path with the mean log sigma."""
+    is `units_scale` (the env's, with --action-units env), in the `log_density` form of path_log_prob. Returns the
+    action, log pi (None when deterministic) and the path with the mean log sigma."""
     keys = jax.random.split(key, steps + 1)
     x = jnp.zeros(shape) if deterministic else jax.random.normal(keys[0], shape)
     dt = 1.0 / steps
-    xs, means, stds, log_stds = [], [], [], []
+    xs, means, stds, log_stds, noises = [], [], [], [], []
     for k in range(steps):
         xs.append(x)
         if perturb is not None:
@@ -386,7 +393,8 @@ def flow_rollout(step_fn, shape, key, steps: int, drift: str = "plain", step_noi
         sigma = jnp.exp(log_std)
         mean = x + dt * DRIFTS[drift](v, x, t, sigma)
         std = step_std(sigma, dt, step_noise)
-        x = mean + std * jax.random.normal(keys[k + 1], shape)
+        noises.append(jax.random.normal(keys[k + 1], shape))
+        x = mean + std * noises[-1]
         means.append(mean)
         stds.append(std)
         log_stds.append(log_std)
@@ -394,7 +402,8 @@ def flow_rollout(step_fn, shape, key, steps: int, drift: str = "plain", step_noi
     action = jnp.tanh(x)
     if deterministic:
         return action, None, {"xs": xs}
-    return action, path_log_prob(xs, means, stds, units_scale), {"xs": xs, "log_std": jnp.mean(jnp.stack(log_stds))}
+    log_pi = path_log_prob(xs, means, stds, units_scale, noises if log_density == "authors" else None)
+    return action, log_pi, {"xs": xs, "log_std": jnp.mean(jnp.stack(log_stds))}
 
 
 # --- Critics: CrossQ's batch-renormalised MLPs, evaluated as one vmapped ensemble ---
@@ -602,6 +611,7 @@ def make_act(args: Args, act_dim: int, num_seeds: int):
 
 
 ALGO = "sac_flow_t"
+BEFORE = {"log_density": "complete"}  # what checkpoints written before --log-density ran with
 MODEL_CONFIG = ("env_id", "flow_steps", "drift", "step_noise", "d_model", "n_heads", "n_layers", "log_std_input",
                 "log_std_hidden", "log_std_min", "log_std_max", "actor_batch_norm", "bn_eps")
 
@@ -655,7 +665,7 @@ def main(argv=None) -> int:
         if args.eval_only:
             eval_only(args, ALGO, MODEL_CONFIG, load_actor)
         else:
-            train(args, prepare_resume(args, ALGO, MODEL_CONFIG, check_args) if args.resume else None)
+            train(args, prepare_resume(args, ALGO, MODEL_CONFIG, check_args, before=BEFORE) if args.resume else None)
     return status.code
 
 

@@ -274,13 +274,13 @@ MAY_CHANGE_ON_RESUME = ("total_timesteps", "checkpoint_every", "keep_checkpoints
 NOT_RESUMED = ("progress", "resume", "eval_only", "checkpoint")
 
 
-def read_resume(args, algo: str, defaults, renamed: dict | None = None) -> tuple[str, dict]:
+def read_resume(args, algo: str, defaults, renamed: dict | None = None, before: dict | None = None) -> tuple[str, dict]:
     """Read --resume and adopt the run's arguments into `args` (a flag that contradicts them is refused); `renamed`
-    maps an argument's name in older checkpoints to its name now."""
+    maps an argument's name in older checkpoints to its name now, `before` gives arguments they lack a value."""
     from dataclasses import fields
 
     path, ckpt = load_training_checkpoint(args.resume, algo)
-    ckpt["args"] = {(renamed or {}).get(k, k): v for k, v in ckpt["args"].items()}
+    ckpt["args"] = {**(before or {}), **{(renamed or {}).get(k, k): v for k, v in ckpt["args"].items()}}
     names = [f.name for f in fields(args) if f.name not in NOT_RESUMED]
     adopt_saved_args(args, ckpt["args"], defaults, names, "--resume", MAY_CHANGE_ON_RESUME)
     return path, ckpt

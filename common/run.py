@@ -368,11 +368,12 @@ class TrainingRun:
 # ---------------------------------------------------------------------------------------------
 
 
-def prepare_resume(args, algo: str, model_config, check_args, renamed: dict | None = None):
+def prepare_resume(args, algo: str, model_config, check_args, renamed: dict | None = None, before: dict | None = None):
     """Read --resume and adopt the run's arguments (refusing a checkpoint older than a setting in
-    `model_config`; `renamed`: {name in older checkpoints: name now}), then check them as a new run's;
-    returns the (path, checkpoint) TrainingRun takes."""
-    path, ckpt = read_resume(args, algo, type(args)(), renamed)
+    `model_config`; `renamed`: {name in older checkpoints: name now}; `before`: {argument older checkpoints lack:
+    the value they ran with}, so that a changed default does not change a resumed run), then check them as a new
+    run's; returns the (path, checkpoint) TrainingRun takes."""
+    path, ckpt = read_resume(args, algo, type(args)(), renamed, before)
     refuse_older(ckpt["args"], model_config, path, "--resume", algo)
     check_args(args)
     return path, ckpt

@@ -66,6 +66,41 @@ def test_path_log_density_matches_scipy(drift, step_noise):
     np.testing.assert_allclose(np.asarray(action), np.tanh(xs[K]), rtol=1e-5, atol=1e-6)  # the env rescales it
 
 
+def test_flow_t_authors_log_density_is_the_noise_density_without_the_log_std_terms():
+    """--log-density authors (Flow-T's default): log N(x_0) + sum_k log N(eps_k; 0, I) - log|da/dx_K| with the eps_k
+    redrawn here from the rollout's key splits (their SAC_flow_transformer_jax.py); the complete density exceeds it by
+    exactly -sum_k sum_d log(sigma_k dt)."""
+    K, scale = 3, np.array([0.4, 2.0])
+    s = jnp.array(np.random.default_rng(1).normal(size=(32, 5)), jnp.float32)
+    key, units = jax.random.PRNGKey(7), jnp.array(scale, jnp.float32)
+    run = lambda density: T.flow_rollout(toy_step(s), (32, 2), key, K, "plain", "sigma-dt", units_scale=units,
+                                         log_density=density)
+    _, authors, path = run("authors")
+    _, complete, _ = run("complete")
+    keys = jax.random.split(key, K + 1)
+    eps = [np.asarray(jax.random.normal(keys[k + 1], (32, 2)), np.float64) for k in range(K)]
+    xs = [np.asarray(x, np.float64) for x in path["xs"]]
+    expected = stats.norm.logpdf(xs[0]).sum(-1) + sum(stats.norm.logpdf(e).sum(-1) for e in eps)
+    expected -= np.log(scale * (1 - np.tanh(xs[K]) ** 2) + 1e-6).sum(-1)
+    np.testing.assert_allclose(np.asarray(authors), expected, rtol=1e-4, atol=1e-2)
+    log_std_terms = sum(2 * np.log(np.exp(-0.5 + k / K) / K) for k in range(K))  # 2 dimensions, std sigma_k dt
+    np.testing.assert_allclose(np.asarray(complete - authors), -log_std_terms, rtol=1e-5)
+    assert T.Args().log_density == "authors"
+
+
+def test_flow_t_checkpoints_from_before_log_density_resume_with_the_complete_density(tmp_path):
+    from common.checkpoint import read_resume, write_atomic
+
+    saved = dataclasses.asdict(T.Args())
+    del saved["log_density"]
+    path = tmp_path / "step_0000000010.ckpt"
+    write_atomic(str(path), {"format": 2, "algo": T.ALGO, "kind": "train", "step": 10, "args": saved})
+    for before, want in [(T.BEFORE, "complete"), (None, "authors")]:
+        args = T.Args(resume=str(path))
+        read_resume(args, T.ALGO, T.Args(), None, before)
+        assert args.log_density == want
+
+
 def test_env_units_shift_log_pi_by_the_log_half_range():
     # Humanoid-v4: 17 dimensions of +-0.4; away from saturation log pi in env units is 17 * log(1 / 0.4) higher
     s = jnp.zeros((8, 3))
