@@ -3,9 +3,10 @@
     python benchmarks/aggregate.py                              # the committed CPU runs -> benchmarks/results
     python benchmarks/aggregate.py --runs runs --out my_results --metric train
 
-Each run's score is its final evaluation return (--metric eval: the last `eval/episodic_return`) or its
+Each run's score is its final evaluation return (--metric eval: the last `eval/episodic_return`), its
 final training return (--metric train: the mean `charts/episodic_return` over the last --last-frac of
-its steps). Scores are normalised per task, (score - random) / (reference - random): `random` from
+its steps) or its final success rate (--metric success: the last `eval/success_rate`, for tasks that report
+success, such as OGBench's; already in [0, 1], so not normalised). Returns are normalised per task, (score - random) / (reference - random): `random` from
 results/random_scores.json (benchmarks/random_scores.py), `reference` the published score of
 REFERENCE.md section 3 (CleanRL SAC at 1M steps where listed, the FlowRL results page otherwise), so
 1 means the reference's 1M-step result. Tasks with neither are left out, and said so.
@@ -57,7 +58,8 @@ class Args:
     out: str = os.path.join(ROOT, "benchmarks", "results")
     """where the figures and aggregate.md go"""
     metric: str = "eval"
-    """eval: each run's last evaluation return; train: its mean training return over the last --last-frac of its steps"""
+    """eval: each run's last evaluation return; train: its mean training return over the last --last-frac of its steps;
+    success: its last evaluation success rate"""
     last_frac: float = 0.05
     """with --metric train, the share of a run's steps its final training return averages over"""
     random_scores: str = os.path.join(ROOT, "benchmarks", "results", "random_scores.json")
@@ -68,13 +70,18 @@ class Args:
     """seed of the bootstrap"""
 
 
+TAGS = {"eval": "eval/episodic_return", "train": "charts/episodic_return", "success": "eval/success_rate"}
+WHAT = {"eval": "final evaluation return", "train": "final training return", "success": "final evaluation success rate"}
+
+
 def final_score(run_dir: str, metric: str, last_frac: float) -> float | None:
-    """A run's final evaluation return, or its mean training return over the last `last_frac` of its steps."""
-    tag = "eval/episodic_return" if metric == "eval" else "charts/episodic_return"
+    """A run's final evaluation return or success rate, or its mean training return over the last `last_frac` of its
+    steps."""
+    tag = TAGS[metric]
     curve = read_scalars(run_dir, [tag]).get(tag)
     if curve is None or not len(curve):
         return None
-    if metric == "eval":
+    if metric != "train":
         return float(curve[-1, 1])
     last = curve[-1, 0]
     return float(binned(curve, np.array([last * (1 - last_frac), last]))[0, 1])
@@ -88,17 +95,22 @@ def normalise(score, env_id: str, random_scores: dict):
     return (np.asarray(score, dtype=float) - low) / (high - low)
 
 
-def score_matrices(scores: dict, random_scores: dict) -> tuple[dict, dict, list]:
+def score_matrices(scores: dict, random_scores: dict | None) -> tuple[dict, dict, list]:
     """{script: (runs, tasks) normalised scores} from {(task, script): [raw score per seed]}, each script's runs
-    cut to the fewest seeds of its tasks; also {script: [its tasks]} and the tasks left out (no normalisation)."""
-    left_out = sorted({env for env, _ in scores if normalise(0.0, env, random_scores) is None})
+    cut to the fewest seeds of its tasks; also {script: [its tasks]} and the tasks left out (no normalisation).
+    `random_scores` None: the scores are kept as they are (success rates)."""
+    if random_scores is None:
+        normalise_ = lambda score, env, _: np.asarray(score, dtype=float)
+    else:
+        normalise_ = normalise
+    left_out = sorted({env for env, _ in scores if normalise_(0.0, env, random_scores) is None})
     matrices, tasks = {}, {}
     for script in sorted({s for _, s in scores}):
         envs = sorted(env for env, s in scores if s == script and env not in left_out)
         if not envs:
             continue
         n = min(len(scores[(env, script)]) for env in envs)
-        matrices[script] = np.stack([normalise(scores[(env, script)][:n], env, random_scores) for env in envs], axis=1)
+        matrices[script] = np.stack([normalise_(scores[(env, script)][:n], env, random_scores) for env in envs], axis=1)
         tasks[script] = envs
     return matrices, tasks, left_out
 
@@ -140,15 +152,18 @@ def main(argv=None) -> int:
     from rliable import plot_utils
 
     args = tyro.cli(Args, args=argv)
-    if args.metric not in ("eval", "train"):
-        print(f"aggregate.py: error: --metric must be eval or train, got {args.metric!r}", file=sys.stderr)
+    if args.metric not in TAGS:
+        print(f"aggregate.py: error: --metric must be eval, train or success, got {args.metric!r}", file=sys.stderr)
         return 2
-    if not os.path.isfile(args.random_scores):
+    success = args.metric == "success"
+    if not success and not os.path.isfile(args.random_scores):
         print(f"aggregate.py: error: --random-scores {args.random_scores!r} does not exist "
               "(python benchmarks/random_scores.py writes it)", file=sys.stderr)
         return 2
-    with open(args.random_scores) as f:
-        random_scores = json.load(f)["scores"]
+    random_scores = None
+    if not success:
+        with open(args.random_scores) as f:
+            random_scores = json.load(f)["scores"]
     scores = {}
     for key, dirs in find_runs(args.runs).items():
         finals = [s for s in (final_score(d, args.metric, args.last_frac) for d in dirs) if s is not None]
@@ -156,18 +171,18 @@ def main(argv=None) -> int:
             scores[key] = finals
     matrices, tasks, left_out = score_matrices(scores, random_scores)
     if not matrices:
-        print(f"aggregate.py: error: no runs with {'an evaluation' if args.metric == 'eval' else 'a training'} return on a "
-              f"task with a reference score under "
-              f"{args.runs!r} (tasks with one: {', '.join(REFERENCE_SCORES)})", file=sys.stderr)
+        needs = ("" if success else f" on a task with a reference score (tasks with one: {', '.join(REFERENCE_SCORES)})")
+        print(f"aggregate.py: error: no runs with a {WHAT[args.metric]} under {args.runs!r}{needs}", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
-    what = "final evaluation return" if args.metric == "eval" else "final training return"
+    what = WHAT[args.metric]
     point, interval = aggregates(matrices, args.reps, args.seed)
 
     fig, axes = plot_utils.plot_interval_estimates(point, interval, metric_names=list(METRICS), algorithms=sorted(matrices),
                                                    max_ticks=3, subfigure_width=4.0, row_height=0.8,
                                                    xlabel_y_coordinate=-0.7 / len(matrices),
-                                                   xlabel="normalised score (0: random policy, 1: the reference's 1M-step score)")
+                                                   xlabel="success rate" if success else
+                                                   "normalised score (0: random policy, 1: the reference's 1M-step score)")
     fig.suptitle(f"Normalised {what} over tasks: point estimates and 95% stratified bootstrap CIs (rliable)",
                  y=1.0 + 0.5 / len(matrices), fontsize=11)
     fig.savefig(os.path.join(args.out, "aggregate_metrics.png"), dpi=110, bbox_inches="tight")
@@ -192,7 +207,8 @@ def main(argv=None) -> int:
         fig.savefig(os.path.join(args.out, "probability_of_improvement.png"), dpi=110, bbox_inches="tight")
         plt.close(fig)
 
-    lines = [f"Normalised {what}s, (score - random) / (reference - random), aggregated over tasks with rliable: point "
+    scale = "" if success else ", (score - random) / (reference - random)"
+    lines = [f"{'Final evaluation success rates' if success else 'Normalised ' + what + 's'}{scale}, aggregated over tasks with rliable: point "
              f"estimate [95% stratified bootstrap CI, {args.reps} resamples]. Runs from `{os.path.relpath(args.runs, ROOT)}`.",
              "", "| script | tasks | runs per task | " + " | ".join(METRICS) + " |", "|---|---|---|" + "---|" * len(METRICS)]
     for script in sorted(matrices):
@@ -204,9 +220,10 @@ def main(argv=None) -> int:
             x, y = pair.split(",")
             lo, hi = np.ravel(p_interval[pair])
             lines.append(f"| {x} | {y} | {float(p):.3f} [{lo:.3f}, {hi:.3f}] |")
-    lines += ["", "| task | random | reference |", "|---|---|---|"]
-    for env_id in sorted({t for ts in tasks.values() for t in ts}):
-        lines.append(f"| {env_id} | {random_scores[env_id]['mean']:.1f} | {REFERENCE_SCORES[env_id][0]:g} ({REFERENCE_SCORES[env_id][1]}) |")
+    if not success:
+        lines += ["", "| task | random | reference |", "|---|---|---|"]
+        for env_id in sorted({t for ts in tasks.values() for t in ts}):
+            lines.append(f"| {env_id} | {random_scores[env_id]['mean']:.1f} | {REFERENCE_SCORES[env_id][0]:g} ({REFERENCE_SCORES[env_id][1]}) |")
     if left_out:
         lines += ["", f"Left out (no reference or random score): {', '.join(left_out)}."]
     with open(os.path.join(args.out, "aggregate.md"), "w") as f:

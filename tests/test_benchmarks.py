@@ -70,7 +70,7 @@ def test_normalised_scores_and_aggregates_against_rliable_by_hand():
     assert float(metrics.probability_of_improvement(matrices["b"], matrices["a"][:, [1]])) == 1.0
 
 
-def _write_run(folder, evals, trains):
+def _write_run(folder, evals, trains, successes=()):
     from tensorboardX import SummaryWriter
 
     w = SummaryWriter(folder)
@@ -78,6 +78,8 @@ def _write_run(folder, evals, trains):
         w.add_scalar("eval/episodic_return", v, step)
     for step, v in trains:
         w.add_scalar("charts/episodic_return", v, step)
+    for step, v in successes:
+        w.add_scalar("eval/success_rate", v, step)
     w.close()
 
 
@@ -136,12 +138,27 @@ def test_aggregate_writes_figures_and_the_table_from_runs(tmp_path, capsys):
     assert "| flowrl_jax | sac_flow_g | 0.125" in table  # by hand: of the 4 pairs (0.1 or 0.2 against 0.2 or 0.3) one tie, counted 1/2
     assert "| Hopper-v4 | 10.0 | 2310 (CleanRL SAC, 1M) |" in table
     # refusals: one line
-    for bad, message in [(["--metric", "best"], "--metric must be eval or train"),
+    for bad, message in [(["--metric", "best"], "--metric must be eval, train or success"),
                          (["--random-scores", str(tmp_path / "none.json")], "does not exist"),
-                         (["--runs", str(tmp_path / "out")], "no runs with an evaluation return")]:
+                         (["--runs", str(tmp_path / "out")], "no runs with a final evaluation return"),
+                         (["--metric", "success"], "no runs with a final evaluation success rate")]:
         assert aggregate.main([*argv, *bad]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_aggregate_of_success_rates_keeps_them_unnormalised(tmp_path, capsys):
+    """--metric success: each run's last eval/success_rate, on tasks without a reference score too (OGBench's)."""
+    runs = tmp_path / "runs"
+    for seed, rate in enumerate([0.2, 0.6], start=1):
+        _write_run(str(runs / f"cube-double-singletask-task2-v0__sac_flow_o2o__{seed}__1"), [(100, -30.0)], [],
+                   [(100, 0.0), (200, rate)])
+    out = tmp_path / "out"
+    assert aggregate.main(["--runs", str(runs), "--out", str(out), "--metric", "success", "--reps", "200",
+                           "--random-scores", str(tmp_path / "absent.json")]) == 0  # no random scores needed
+    table = (out / "aggregate.md").read_text()
+    assert table.startswith("Final evaluation success rates, aggregated")
+    assert "| sac_flow_o2o | cube-double-singletask-task2-v0 | 2 | 0.400 [0.200, 0.600] |" in table, table
 
 
 def test_run_builds_the_users_commands():
