@@ -93,13 +93,21 @@ class Args(RunArgs):
     critic_depth: int = 4
     """hidden layers of each critic"""
     velocity: Literal["gated", "decoded"] = "gated"
-    """gated: Flow-G's v = z * (h - x) (--hidden-dim, --time-emb-dim); decoded: Flow-T's decoder (--d-model, --n-heads, --n-layers)"""
+    """gated: Flow-G's v = z * (h - x); decoded: Flow-T's decoder over one action-time token"""
+    architecture: Literal["authors", "from-scratch"] = "authors"
+    """authors: their offline-to-online actors' networks (Flow-G: candidate h a 4-layer GELU MLP of --hidden-dim units,
+    Xavier-uniform, on [s, x, t] with the raw time, gate of --gate-dim swish units; Flow-T: post-LayerNorm decoder
+    blocks, x <- LN(x + f(x)), no final LayerNorm); from-scratch: sac_flow_g.py's and sac_flow_t.py's modules (Flow-G:
+    one swish layer each for gate and candidate, --hidden-dim wide, on a --time-emb-dim sinusoidal time embedding;
+    Flow-T: pre-LayerNorm blocks and a final LayerNorm), without their batch renormalisation"""
     hidden_dim: int = 512
-    """Flow-G: width of the gate and candidate hidden layers"""
+    """Flow-G: width of the candidate's hidden layers (from-scratch: and of the gate's)"""
+    gate_dim: int = 256
+    """Flow-G with --architecture authors: width of the gate's hidden layer"""
     time_emb_dim: int = 32
-    """Flow-G: size of the sinusoidal time embedding (half as many frequencies)"""
-    d_model: int = 96
-    """Flow-T: width of the action-time and state tokens (the authors' offline-to-online code uses 128)"""
+    """Flow-G with --architecture from-scratch: size of the sinusoidal time embedding (half as many frequencies)"""
+    d_model: int = 128
+    """Flow-T: width of the action-time and state tokens (the authors' offline-to-online 128; from scratch they use 96)"""
     n_heads: int = 4
     """Flow-T: attention heads (must divide --d-model)"""
     n_layers: int = 2
@@ -108,8 +116,9 @@ class Args(RunArgs):
     """rollout steps K, for training, acting and evaluation"""
     drift: Literal["plain", "marginal"] = "plain"
     """drift of the noisy rollout: plain b = v (the authors'), or marginal, which keeps the noiseless flow's final law"""
-    noise_std: float = 0.10
-    """std of each rollout step's fixed Gaussian noise in the Eq. 12 actor loss (the paper's; the authors' code: 0.05)"""
+    noise_std: float = 0.05
+    """std of each rollout step's fixed Gaussian noise in the Eq. 12 actor loss (the authors' code, both agents; the
+    paper's table: 0.10)"""
     act_noise_std: float = 0.02
     """that std when acting, evaluating and sampling the critic target's next chunk (the authors' inference noise)"""
     flow_target: Literal["action", "atanh"] = "action"
@@ -129,6 +138,12 @@ class Args(RunArgs):
     alpha_loss: Literal["authors", "sac"] = "authors"
     """authors: alpha (mean log pi - target), their code's sign, which lowers alpha while log pi is above the target
     (always, with fixed noise); sac: alpha (-mean log pi - target) (Eq. 24), which then raises alpha without bound"""
+    sparse: bool = False
+    """make the rewards sparse, dataset and online, as the authors' --sparse does for the paper's scene-sparse rows:
+    -1 wherever the (shifted) reward is not 0, else 0; refused for a dataset with positive rewards"""
+    buffer_size: int = 2_000_000
+    """replay buffer rows: a ring of max(--buffer-size, dataset + 1) rows holding the dataset first, whose oldest rows
+    (the dataset's, on long runs over large datasets) online transitions overwrite once it is full (the authors')"""
     robomimic_reward_shift: bool = True
     """for a Robomimic task (its env id, or an .hdf5 recorded in robosuite), subtract 1 from every reward, dataset
     and online, as the authors' main.py does ((0, 1) -> (-1, 0)); --no-robomimic-reward-shift keeps them"""
@@ -168,7 +183,7 @@ def check_args(args: Args) -> None:
     """Refuse impossible settings with one line, before anything is built."""
     if args.dataset is None and not (args.resume or args.eval_only):
         raise ConfigError("--dataset is required: an OGBench .npz or a Robomimic .hdf5 (benchmarks/make_dataset.py makes one)")
-    check_ranges(args, positive=["horizon", "learning_rate", "n_critics", "critic_width", "critic_depth", "hidden_dim",
+    check_ranges(args, positive=["horizon", "buffer_size", "gate_dim", "learning_rate", "n_critics", "critic_width", "critic_depth", "hidden_dim",
                                  "d_model", "n_heads", "n_layers", "flow_steps", "noise_std", "act_noise_std", "alpha"],
                  nonnegative=["offline_steps", "bc_weight", "online_bc_weight"], unit=["gamma"])
     if args.time_emb_dim < 4 or args.time_emb_dim % 2:
@@ -226,6 +241,27 @@ class GatedVelocity(nn.Module):
         return z * (h - x)
 
 
+class AuthorsGatedVelocity(nn.Module):
+    """Flow-G as the authors' offline-to-online actor has it (their ActorVectorFieldGRU), u = [s, x, t] with the raw
+    time: candidate h = a 4-layer GELU MLP (Xavier-uniform) of `hidden_dim` units, gate z = sigmoid(g(u)) with g one
+    swish layer of `gate_dim` units whose output layer starts at zero weights and bias 5; v = z * (h - x)."""
+
+    act_dim: int
+    hidden_dim: int
+    gate_dim: int
+
+    @nn.compact
+    def __call__(self, s, x, t):
+        u = jnp.concatenate([s, x, t], axis=-1)
+        h = u
+        for i in range(4):
+            h = nn.gelu(nn.Dense(self.hidden_dim, kernel_init=nn.initializers.xavier_uniform(), name=f"candidate_{i}")(h))
+        h = nn.Dense(self.act_dim, kernel_init=nn.initializers.xavier_uniform(), name="candidate_out")(h)
+        gate_logit = nn.Dense(self.act_dim, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.constant(5.0),
+                              name="gate_out")(nn.swish(nn.Dense(self.gate_dim, name="gate_hidden")(u)))
+        return nn.sigmoid(gate_logit) * (h - x)
+
+
 class MultiHeadAttention(nn.Module):
     """Scaled dot-product attention of `query` tokens (B, L, d) over `memory` tokens (B, M, d).
 
@@ -251,12 +287,13 @@ class MultiHeadAttention(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """One decoder block (Eq. 8), pre-normalised, x <- x + f(LN(x)) for each sublayer: self-attention under a
-    diagonal mask (each token attends only to itself, no mixing across rollout steps), cross-attention to the
-    state, feed-forward (GELU)."""
+    """One decoder block (Eq. 8): self-attention under a diagonal mask (each token attends only to itself, no mixing
+    across rollout steps), cross-attention to the state, feed-forward (GELU); each sublayer pre-normalised,
+    x <- x + f(LN(x)) (the from-scratch scripts'), or with `post_norm` x <- LN(x + f(x)) (the authors' o2o actor)."""
 
     d_model: int
     n_heads: int
+    post_norm: bool = False
 
     @nn.compact
     def __call__(self, tokens, state_tokens):
@@ -267,27 +304,31 @@ class DecoderBlock(nn.Module):
             "ffn": lambda y: nn.Dense(self.d_model)(nn.gelu(nn.Dense(4 * self.d_model)(y))),
         }
         for name, sublayer in sublayers.items():
-            tokens = tokens + sublayer(nn.LayerNorm(name=f"norm_{name}")(tokens))
+            norm = nn.LayerNorm(name=f"norm_{name}")
+            tokens = norm(tokens + sublayer(tokens)) if self.post_norm else tokens + sublayer(norm(tokens))
         return tokens
 
 
 class DecodedVelocity(nn.Module):
     """Flow-T (Eq. 7-9): token = W_x x_k + time_mlp(t_k), state token = enc(s); n_layers decoder blocks refine
-    the token; a final LayerNorm and a linear head give v. One token per rollout step: with the diagonal mask
-    its self-attention weight is exactly 1. The state token is computed once per rollout (`encode_state`)."""
+    the token; a final LayerNorm (pre-norm blocks only) and a linear head give v. One token per rollout step: with
+    the diagonal mask its self-attention weight is exactly 1. The state token is computed once per rollout
+    (`encode_state`)."""
 
     act_dim: int
     d_model: int
     n_heads: int
     n_layers: int
+    post_norm: bool = False
 
     def setup(self):
         d = self.d_model
         self.time_mlp = [nn.Dense(d // 4), nn.Dense(d // 2), nn.Dense(d)]
         self.state_encoder = [nn.Dense(d // 2), nn.Dense(d)]
         self.action_embedding = nn.Dense(d)
-        self.blocks = [DecoderBlock(d, self.n_heads) for _ in range(self.n_layers)]
-        self.norm_out = nn.LayerNorm()
+        self.blocks = [DecoderBlock(d, self.n_heads, self.post_norm) for _ in range(self.n_layers)]
+        if not self.post_norm:
+            self.norm_out = nn.LayerNorm()
         self.velocity_head = nn.Dense(self.act_dim)
 
     def encode_state(self, s):
@@ -298,23 +339,26 @@ class DecodedVelocity(nn.Module):
         token = (self.action_embedding(x) + time)[..., None, :]
         for block in self.blocks:
             token = block(token, state_token)
-        return self.velocity_head(self.norm_out(token[..., 0, :]))
+        h = token[..., 0, :]
+        return self.velocity_head(h if self.post_norm else self.norm_out(h))
 
 
 class ChunkVelocity(nn.Module):
-    """v(s, x_k, t_k) over a whole chunk (H * act_dim): Flow-G's gated or Flow-T's decoded velocity, the
-    from-scratch scripts' own modules without their batch renormalisation (the authors' offline-to-online
-    actors have none) and without a log-std head (the noise is fixed)."""
+    """v(s, x_k, t_k) over a whole chunk (H * act_dim): Flow-G's gated or Flow-T's decoded velocity, as the authors'
+    offline-to-online actors have them or as the from-scratch scripts' modules (--architecture), without batch
+    renormalisation and without a log-std head (the noise is fixed)."""
 
     args: "Args"
     chunk_dim: int
 
     @nn.compact
     def __call__(self, s, x, t):
-        a = self.args
+        a, authors = self.args, self.args.architecture == "authors"
+        if a.velocity == "gated" and authors:
+            return AuthorsGatedVelocity(self.chunk_dim, a.hidden_dim, a.gate_dim, name="velocity")(s, x, t)
         if a.velocity == "gated":
             return GatedVelocity(self.chunk_dim, a.hidden_dim, a.time_emb_dim, name="velocity")(s, x, t)
-        velocity = DecodedVelocity(self.chunk_dim, a.d_model, a.n_heads, a.n_layers, name="velocity")
+        velocity = DecodedVelocity(self.chunk_dim, a.d_model, a.n_heads, a.n_layers, post_norm=authors, name="velocity")
         return velocity(velocity.encode_state(s), x, t)
 
 
@@ -440,8 +484,8 @@ def create_agent(args: Args, obs_dim: int, act_dim: int, key) -> Agent:
 
 class ChunkBuffer(NamedTuple):
     """Transitions in order, with `ends` marking the last transition of each trajectory (episode end, time limit
-    or a dataset's trajectory cut), so that H consecutive rows read as one action chunk. Its capacity holds the
-    dataset and every online step: it never wraps, and `pos` (where the next row goes) equals `size`."""
+    or a dataset's trajectory cut), so that H consecutive rows read as one action chunk. A ring, the dataset
+    first: once full, the newest transition overwrites the oldest row (`pos`: where the next one goes)."""
 
     obs: jax.Array
     actions: jax.Array
@@ -472,18 +516,19 @@ def chunk_buffer(data: dict, capacity: int) -> ChunkBuffer:
         return jnp.zeros((capacity,) + x.shape[1:], jnp.float32).at[:n].set(x)
 
     fields = (padded(data[k]) for k in ("obs", "actions", "rewards", "next_obs", "terminated", "ends"))
-    return ChunkBuffer(*fields, pos=jnp.asarray(n, jnp.int32), size=jnp.asarray(n, jnp.int32))
+    return ChunkBuffer(*fields, pos=jnp.asarray(n % capacity, jnp.int32), size=jnp.asarray(n, jnp.int32))
 
 
 def chunk_add(buf: ChunkBuffer, obs, action, reward, next_obs, terminated, end) -> ChunkBuffer:
-    i = buf.size
+    i, capacity = buf.pos, buf.obs.shape[0]
     return ChunkBuffer(buf.obs.at[i].set(obs), buf.actions.at[i].set(action), buf.rewards.at[i].set(reward),
                        buf.next_obs.at[i].set(next_obs), buf.terminated.at[i].set(terminated), buf.ends.at[i].set(end),
-                       pos=i + 1, size=i + 1)
+                       pos=(i + 1) % capacity, size=jnp.minimum(buf.size + 1, capacity))
 
 
 def sample_chunks(buf: ChunkBuffer, key, batch_size: int, horizon: int, gamma: float) -> ChunkBatch:
-    """Draw `batch_size` chunks of `horizon` consecutive transitions, uniformly over their start.
+    """Draw `batch_size` chunks of `horizon` consecutive rows, uniformly over their start in [0, size - horizon] (as
+    the authors' sampler: once the ring has wrapped, a chunk may run across the write position).
 
     The chunk's return stops at the first termination or trajectory end; it bootstraps from s_{t+H}
     with gamma^H only if it reached its last step without terminating. A chunk whose trajectory was
@@ -622,21 +667,31 @@ def make_act(args: Args, velocity_apply, act_dim: int, num_seeds: int):
     return jax.jit(seed_map(act, num_seeds))
 
 
+def relabel(rewards, shift: float, sparse: bool):
+    """Rewards as the authors' script trains on them: shifted by `shift`, then with --sparse -1 wherever that is not 0."""
+    rewards = rewards + np.float32(shift)
+    return -(rewards != 0).astype(np.float32) if sparse else rewards
+
+
 def prepare_data(args: Args) -> tuple[dict, Optional[str], float]:
     """The dataset's transitions, the run's Robomimic task (None when it is not one) and the shift added to every
-    reward, dataset and online: -1 for Robomimic (the authors' (0, 1) -> (-1, 0)) unless --no-robomimic-reward-shift."""
+    reward, dataset and online: -1 for Robomimic (the authors' (0, 1) -> (-1, 0)) unless --no-robomimic-reward-shift;
+    --sparse then relabels them (relabel)."""
     data = load_dataset(args.dataset, args.env_id, args.dataset_obs_keys)
     if len(data["obs"]) < args.horizon:
         raise ConfigError(f"--dataset holds {len(data['obs'])} transitions, fewer than one chunk of --horizon {args.horizon}")
     robomimic = robomimic_task(args.env_id, args.dataset)
     shift = -1.0 if robomimic is not None and args.robomimic_reward_shift else 0.0
-    data["rewards"] = data["rewards"] + np.float32(shift)
+    if args.sparse and np.max(data["rewards"] + np.float32(shift)) > 0:
+        raise ConfigError(f"--sparse needs rewards <= 0 (OGBench's, or Robomimic's shifted); --dataset has rewards up to "
+                          f"{np.max(data['rewards'] + np.float32(shift)):g}")
+    data["rewards"] = relabel(data["rewards"], shift, args.sparse)
     return data, robomimic, shift
 
 
 ALGO = "sac_flow_o2o"
-MODEL_CONFIG = ("env_id", "velocity", "hidden_dim", "time_emb_dim", "d_model", "n_heads", "n_layers", "flow_steps",
-                "horizon", "drift", "act_noise_std")  # what --eval-only needs to rebuild the actor and act as it did
+MODEL_CONFIG = ("env_id", "velocity", "architecture", "hidden_dim", "gate_dim", "time_emb_dim", "d_model", "n_heads",
+                "n_layers", "flow_steps", "horizon", "drift", "act_noise_std")  # what --eval-only needs to rebuild the actor and act as it did
 
 
 def load_actor(args: Args, obs_dim: int, act_dim: int, raw: dict):
@@ -656,8 +711,7 @@ def train(args: Args, resume=None) -> dict:
     print(f"{n_data} transitions from {args.dataset}; chunks of {H} x {data['actions'].shape[1]} actions; schedule "
           f"{args.schedule}; BC weight {offline_bc:g} offline, {online_bc:g} online ({bc_source})"
           + (f"; Robomimic {robomimic}: rewards shifted by {shift:g}" if robomimic is not None else ""))
-    # The buffer holds the dataset and every online step, so the dataset stays in it.
-    buffer = (n_data + args.total_timesteps, lambda capacity, *_: chunk_buffer(data, capacity), chunk_add)
+    buffer = (max(args.buffer_size, n_data + 1), lambda capacity, *_: chunk_buffer(data, capacity), chunk_add)
     run = TrainingRun(args, ALGO, __file__, resume, offline_steps=args.offline_steps, buffer=buffer)
     S, A = args.num_seeds, run.act_dim
     # The acting state: each seed's key, its current chunk and how many of that chunk's actions are left to play.
@@ -678,7 +732,7 @@ def train(args: Args, resume=None) -> dict:
                 (o, a, r, next_o, terminated), obs, episodes = run.envs.step(obs, actions)
                 ended = np.array([episode is not None for episode in episodes])
                 left[ended] = 0  # a new episode starts with a new chunk
-                buf = run.buffer_add(buf, o, a, r + np.float32(shift), next_o, terminated, ended.astype(np.float32))
+                buf = run.buffer_add(buf, o, a, relabel(r, shift, args.sparse), next_o, terminated, ended.astype(np.float32))
                 if run.learns(step):
                     agent, info = online_update(agent, buf)
                     run.check_update(step, info)

@@ -27,19 +27,19 @@ from helpers import all_finite, assert_same_tree, assert_wandb_matches_tensorboa
 from sac_flow_o2o import ChunkBatch, chunk_add, chunk_buffer, sample_chunks
 
 CUBE = "cube-double-singletask-task2-v0"
-TINY = {"gated": dict(hidden_dim=16, time_emb_dim=8), "decoded": dict(d_model=16, n_heads=2, n_layers=1)}
+TINY = {"gated": dict(hidden_dim=16, gate_dim=8), "decoded": dict(d_model=16, n_heads=2, n_layers=1)}
 
 
 E2E = ["--offline-steps", "150", "--total-timesteps", "150", "--learning-starts", "60", "--batch-size", "32",
        "--critic-width", "32", "--critic-depth", "2", "--flow-steps", "2", "--log-every", "50", "--eval-every", "150",
-       "--eval-episodes", "1", "--no-progress"]
+       "--eval-episodes", "1", "--buffer-size", "5000", "--no-progress"]
 ONLINE = ["qf_loss", "qf_values", "actor_loss", "bc_loss", "q_pi", "entropy", "alpha", "alpha_loss"]
 
 
 def tiny_args(velocity: str = "gated", **kw) -> O.Args:
-    """Small networks and batches, K = 2, so that each compilation takes seconds."""
+    """Small networks, batches and buffer, K = 2, so that each compilation takes seconds."""
     base = dict(dataset="unused.npz", velocity=velocity, batch_size=8, critic_width=16, critic_depth=1, flow_steps=2,
-                progress=False, **TINY[velocity])
+                buffer_size=5000, progress=False, **TINY[velocity])
     return dataclasses.replace(O.Args(), **{**base, **kw})
 
 
@@ -194,6 +194,20 @@ def test_chunk_returns_against_a_step_by_step_walk():
         np.testing.assert_allclose(b.actions[j], np.asarray(buf.actions)[s:s + H])
 
 
+def test_the_buffer_is_a_ring_after_the_dataset_and_sparse_rewards_relabel():
+    d = {"obs": np.arange(6, dtype=np.float32)[:, None], "actions": np.zeros((6, 2)), "rewards": np.array([0, -1, -2, 0, -1, 0.0]),
+         "next_obs": np.arange(1, 7, dtype=np.float32)[:, None], "terminated": np.zeros(6), "ends": np.eye(1, 6, 5)[0]}
+    buf = chunk_buffer(d, 8)
+    for v in (6.0, 7.0, 8.0):  # the third online row overwrites the dataset's first (the authors' ring)
+        buf = chunk_add(buf, np.full(1, v), np.zeros(2), -1.0, np.full(1, v + 1), 0.0, 0.0)
+    assert (int(buf.pos), int(buf.size)) == (1, 8)
+    np.testing.assert_array_equal(np.asarray(buf.obs[:, 0]), [8, 1, 2, 3, 4, 5, 6, 7])
+    # --sparse (after any Robomimic shift): -1 wherever the reward is not 0
+    np.testing.assert_array_equal(O.relabel(d["rewards"], 0.0, True), [0, -1, -1, 0, -1, 0])
+    np.testing.assert_array_equal(O.relabel(np.array([0.0, 1.0]), -1.0, True), [-1, 0])
+    np.testing.assert_array_equal(O.relabel(d["rewards"], 0.0, False), d["rewards"])
+
+
 def test_flow_matching_and_bc_losses_by_hand():
     v = jnp.array([[[1.0, 2.0], [0.0, 0.0]]])  # (B=1, H=2, A=2)
     x0 = jnp.array([[[0.5, 0.5], [1.0, 1.0]]])
@@ -275,7 +289,7 @@ def test_eq12_step_against_the_actor_loss_and_adam_step_by_hand(eq12_step):
     actor, critic = agent.actor.apply_fn, agent.critic.apply_fn
 
     def actor_loss(params):
-        a, log_p = rollout_by_hand(actor, params, b.obs, k_pi, 2, 0.10, 15)
+        a, log_p = rollout_by_hand(actor, params, b.obs, k_pi, 2, 0.05, 15)  # the authors' Eq. 12 noise, the default
         bc = jnp.sum(b.valid[..., None] * (a.reshape(8, 5, 3) - b.actions) ** 2) / (8 * 5 * 3)
         return beta * bc + jnp.mean(0.2 * log_p - critic(agent.critic.params, b.obs, a).mean(axis=0)), log_p
 
@@ -432,7 +446,7 @@ def test_decoded_two_phase_run_shifts_robomimic_rewards_grows_the_buffer_and_sto
 
 @pytest.mark.parametrize("velocity", ["gated", "decoded"])
 def test_pretraining_fits_the_demonstrations(velocity, data_dir):
-    small = {"gated": dict(hidden_dim=64, time_emb_dim=16), "decoded": dict(d_model=32, n_heads=2, n_layers=1)}[velocity]
+    small = {"gated": dict(hidden_dim=64, gate_dim=32), "decoded": dict(d_model=32, n_heads=2, n_layers=1)}[velocity]
     args = dataclasses.replace(O.Args(), dataset=str(data_dir / "hopper.npz"), env_id="Hopper-v4", velocity=velocity,
                                schedule="two-phase", batch_size=128, learning_rate=1e-3, critic_width=16, critic_depth=1, **small)
     data = load_dataset(args.dataset, "Hopper-v4")
@@ -471,7 +485,7 @@ def test_pretraining_fits_the_demonstrations(velocity, data_dir):
 
 def test_gated_three_phase_offline_then_online_from_the_command_line(data_dir, tmp_path):
     r = run_script("sac_flow_o2o.py", ["--env-id", CUBE, "--dataset", str(data_dir / "cube.hdf5"), *E2E, "--velocity", "gated",
-                                       "--hidden-dim", "16", "--time-emb-dim", "8", "--track"], cwd=tmp_path,
+                                       "--hidden-dim", "16", "--gate-dim", "8", "--track"], cwd=tmp_path,
                    env={"WANDB_MODE": "offline"})  # wandb offline: no network here (XLA_FLAGS from conftest)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "BC weight 300 offline, 300 online (the paper's Table 4 for cube-double)" in r.stdout
@@ -502,8 +516,8 @@ def test_resumed_run_is_bit_identical_through_both_phases(data_dir, tmp_path, mo
     monkeypatch.chdir(tmp_path)
     base = ["--env-id", "Hopper-v4", "--dataset", str(data_dir / "hopper.npz"), "--num-seeds", "2", "--offline-steps", "60",
             "--learning-starts", "30", "--batch-size", "16", "--critic-width", "32", "--critic-depth", "1", "--flow-steps", "2",
-            "--hidden-dim", "16", "--time-emb-dim", "8", "--log-every", "10", "--eval-every", "50", "--eval-episodes", "1",
-            "--no-progress"]
+            "--hidden-dim", "16", "--gate-dim", "8", "--log-every", "10", "--eval-every", "50", "--eval-episodes", "1",
+            "--buffer-size", "5000", "--no-progress"]
     assert O.main(base + ["--total-timesteps", "140", "--exp-name", "straight"]) == 0
     # The offline phase alone, checkpointed at 40 and 60; the resume starts from 40 (the newer one removed).
     assert O.main(base + ["--total-timesteps", "0", "--checkpoint-every", "40", "--exp-name", "pieces"]) == 0
@@ -540,8 +554,8 @@ def test_a_nan_online_reward_stops_the_run_with_the_last_good_checkpoint(data_di
     monkeypatch.setattr(common.env, "env_step", env_step)
     argv = ["--env-id", "Hopper-v4", "--dataset", str(data_dir / "hopper.npz"), "--offline-steps", "20", "--total-timesteps",
             "3000", "--learning-starts", "10", "--batch-size", "512", "--critic-width", "16", "--critic-depth", "1",
-            "--flow-steps", "2", "--hidden-dim", "16", "--time-emb-dim", "8", "--checkpoint-every", "50", "--eval-episodes", "0",
-            "--no-progress"]
+            "--flow-steps", "2", "--hidden-dim", "16", "--gate-dim", "8", "--checkpoint-every", "50", "--eval-episodes", "0",
+            "--buffer-size", "5000", "--no-progress"]
     assert O.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "losses/qf_loss" in err[0] and "became NaN or infinite at step" in err[0], err
@@ -577,6 +591,8 @@ BASE = ["--env-id", "Hopper-v4", "--dataset", "{hopper}"]
     ([*BASE, "--env-id", "Walker2d-v4"], "observes 17"),
     (["--env-id", "Hopper-v4", "--dataset", "missing.npz"], "does not exist"),
     ([*BASE, "--horizon", "4000"], "fewer than one chunk of --horizon 4000"),
+    ([*BASE, "--sparse"], "--sparse needs rewards <= 0"),
+    ([*BASE, "--buffer-size", "0"], "--buffer-size must be positive"),
 ])
 def test_bad_flags_and_datasets_are_refused_in_one_line(argv, message, data_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -606,7 +622,7 @@ def test_o2o_velocity_and_log_density_equal_the_from_scratch_modules(velocity):
     import sac_flow_t
 
     sizes = dict(hidden_dim=16, time_emb_dim=8, d_model=16, n_heads=2, n_layers=2, flow_steps=3)
-    o2o_args = O.Args(dataset="unused.npz", velocity=velocity, **sizes)
+    o2o_args = O.Args(dataset="unused.npz", velocity=velocity, architecture="from-scratch", **sizes)
     obs_dim, chunk_dim, B = 7, 10, 6
     rng = np.random.default_rng(0)
     s = jnp.array(rng.normal(size=(B, obs_dim)), jnp.float32)
@@ -632,3 +648,98 @@ def test_o2o_velocity_and_log_density_equal_the_from_scratch_modules(velocity):
     want_chunk, want_log_pi, _ = module.flow_rollout(step, (B, chunk_dim), key, 3, "plain", "sqrt-dt")
     np.testing.assert_allclose(np.asarray(chunk), np.asarray(want_chunk), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.asarray(log_pi), np.asarray(want_log_pi), rtol=1e-6, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# --architecture authors: the authors' offline-to-online velocity networks, against a hand-written reference
+# ---------------------------------------------------------------------------------------------
+
+
+def np_dense(p, x):
+    return x @ np.asarray(p["kernel"], np.float64) + np.asarray(p["bias"], np.float64)
+
+
+def np_gelu(x):  # flax's gelu is the tanh approximation
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def np_layer_norm(p, x, eps=1e-6):
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * np.asarray(p["scale"], np.float64) + np.asarray(p["bias"], np.float64)
+
+
+def np_attention(p, query, memory, heads):
+    """Their MultiHeadAttention: q, k, v projections, softmax(q k^T / sqrt(head_dim)) v over heads, output projection."""
+    q, k, v = np_dense(p["query"], query), np_dense(p["key"], memory), np_dense(p["value"], memory)
+    split = lambda y: y.reshape(y.shape[0], y.shape[1], heads, -1).transpose(0, 2, 1, 3)
+    q, k, v = split(q), split(k), split(v)
+    logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1])
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    out = (w / w.sum(-1, keepdims=True)) @ v
+    return np_dense(p["out"], out.transpose(0, 2, 1, 3).reshape(query.shape))
+
+
+def test_authors_flow_g_velocity_layer_by_layer():
+    """Their ActorVectorFieldGRU: MLP (4 x 512 GELU, Xavier-uniform) on [s, x, t] to the candidate, a 256-wide swish
+    gate starting at sigmoid(5); shapes, parameter count and one forward pass by hand."""
+    obs_dim, chunk, B = 7, 10, 5
+    args = O.Args(dataset="unused.npz", velocity="gated")
+    assert (args.architecture, args.hidden_dim, args.gate_dim) == ("authors", 512, 256)
+    module = O.make_velocity(args, chunk)
+    rng = np.random.default_rng(0)
+    s, x, t = (jnp.array(rng.normal(size=(B, n)), jnp.float32) for n in (obs_dim, chunk, 1))
+    params = module.init(jax.random.PRNGKey(0), s, x, t)
+    p = params["params"]["velocity"]
+    n_in = obs_dim + chunk + 1
+    shapes = {name: p[name]["kernel"].shape for name in p}
+    assert shapes == {"candidate_0": (n_in, 512), "candidate_1": (512, 512), "candidate_2": (512, 512), "candidate_3": (512, 512),
+                      "candidate_out": (512, chunk), "gate_hidden": (n_in, 256), "gate_out": (256, chunk)}
+    count = sum(x.size for x in jax.tree_util.tree_leaves(p))
+    assert count == (n_in * 512 + 512) + 3 * (512 * 512 + 512) + (512 * chunk + chunk) + (n_in * 256 + 256) + (256 * chunk + chunk)
+    assert np.all(np.asarray(p["gate_out"]["kernel"]) == 0) and np.all(np.asarray(p["gate_out"]["bias"]) == 5)
+    # Xavier-uniform: bound sqrt(6 / (fan_in + fan_out))
+    assert np.abs(np.asarray(p["candidate_1"]["kernel"])).max() <= np.sqrt(6 / 1024) + 1e-7
+    p = jax.tree_util.tree_map(lambda a: a + 0.01 * jnp.arange(a.size, dtype=a.dtype).reshape(a.shape) % 0.3, p)  # a gate that varies
+    u = np.concatenate([np.asarray(a, np.float64) for a in (s, x, t)], -1)
+    h = u
+    for i in range(4):
+        h = np_gelu(np_dense(p[f"candidate_{i}"], h))
+    h = np_dense(p["candidate_out"], h)
+    z = 1 / (1 + np.exp(-np_dense(p["gate_out"], (lambda g: g / (1 + np.exp(-g)))(np_dense(p["gate_hidden"], u)))))
+    got = np.asarray(module.apply({"params": {"velocity": p}}, s, x, t))
+    np.testing.assert_allclose(got, z * (h - np.asarray(x, np.float64)), rtol=2e-4, atol=2e-5)
+
+
+def test_authors_flow_t_velocity_layer_by_layer():
+    """Their FlowMatchingTransformerActor: state encoder d/2-SiLU-d, time MLP d/4-SiLU-d/2-SiLU-d, action projection,
+    post-LayerNorm blocks x <- LN(x + f(x)) (self-attention, cross-attention, 4d GELU feed-forward), no final
+    LayerNorm, a linear head; d_model 128. Shapes, parameter count and one forward pass by hand."""
+    obs_dim, chunk, B, d, heads, layers = 7, 10, 5, 128, 4, 2
+    args = O.Args(dataset="unused.npz", velocity="decoded")
+    assert (args.architecture, args.d_model, args.n_heads, args.n_layers) == ("authors", d, heads, layers)
+    module = O.make_velocity(args, chunk)
+    rng = np.random.default_rng(1)
+    s, x, t = (jnp.array(rng.normal(size=(B, n)), jnp.float32) for n in (obs_dim, chunk, 1))
+    p = module.init(jax.random.PRNGKey(1), s, x, t)["params"]["velocity"]
+    assert "norm_out" not in p and sorted(p) == ["action_embedding", "blocks_0", "blocks_1", "state_encoder_0",
+                                                 "state_encoder_1", "time_mlp_0", "time_mlp_1", "time_mlp_2", "velocity_head"]
+    dense = lambda i, o: i * o + o
+    attention = 4 * dense(d, d)
+    block = 2 * attention + dense(d, 4 * d) + dense(4 * d, d) + 3 * 2 * d
+    want = (dense(obs_dim, d // 2) + dense(d // 2, d) + dense(1, d // 4) + dense(d // 4, d // 2) + dense(d // 2, d)
+            + dense(chunk, d) + layers * block + dense(d, chunk))
+    assert sum(a.size for a in jax.tree_util.tree_leaves(p)) == want
+    silu = lambda y: y / (1 + np.exp(-y))
+    f64 = lambda a: np.asarray(a, np.float64)
+    memory = np_dense(p["state_encoder_1"], silu(np_dense(p["state_encoder_0"], f64(s))))[:, None, :]
+    time = np_dense(p["time_mlp_2"], silu(np_dense(p["time_mlp_1"], silu(np_dense(p["time_mlp_0"], f64(t))))))
+    token = (np_dense(p["action_embedding"], f64(x)) + time)[:, None, :]
+    for i in range(layers):
+        b = p[f"blocks_{i}"]
+        token = np_layer_norm(b["norm_self"], token + np_attention(b["self_attention"], token, token, heads))
+        token = np_layer_norm(b["norm_cross"], token + np_attention(b["cross_attention"], token, memory, heads))
+        ffn = np_dense(b["Dense_0"], np_gelu(np_dense(b["Dense_1"], token)))  # flax names the outer Dense first
+        token = np_layer_norm(b["norm_ffn"], token + ffn)
+    want_v = np_dense(p["velocity_head"], token[:, 0, :])
+    got = np.asarray(module.apply({"params": {"velocity": p}}, s, x, t))
+    np.testing.assert_allclose(got, want_v, rtol=2e-4, atol=2e-4)
