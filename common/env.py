@@ -87,6 +87,18 @@ def _register_dm_control() -> None:
         pass
 
 
+# MyoSuite 3.0 requires gymnasium < 1.3, which requirements.txt's pins exclude: it installs in an environment of its own.
+MYOSUITE_INSTALL = "pip install -r requirements.txt 'myosuite==3.0.0' 'gymnasium[mujoco]<1.3'"
+
+
+def _register_myosuite() -> bool:
+    try:
+        import myosuite  # noqa: F401  (importing it registers its envs)
+    except ImportError:
+        return False
+    return True
+
+
 def _register_ogbench() -> None:
     try:
         import ogbench  # noqa: F401  (importing it registers its envs)
@@ -99,6 +111,9 @@ def check_env_id(env_id: str, ogbench: bool = False) -> None:
     building it); the message suggests only such ids, and OGBench's with `ogbench` (the offline-to-online script)."""
     if env_id.startswith("dm_control/"):
         _register_dm_control()
+    elif env_id.startswith("myo") and not _register_myosuite():
+        raise ConfigError(f"--env-id {env_id!r} is a MyoSuite task, and myosuite is not installed; it requires gymnasium < 1.3, "
+                          f"which this project's pins exclude, so install it in an environment of its own: {MYOSUITE_INSTALL}")
     elif "singletask" in env_id or env_id.startswith(("cube-", "scene-", "puzzle-")):
         _register_ogbench()
     try:
@@ -221,7 +236,7 @@ def seed_everything(seed: int):
 def env_step(env: gym.Env, obs: np.ndarray, action: np.ndarray):
     """Step `env` once. Returns the transition to store, the observation to act on next and the
     finished episode's statistics (None mid-episode: its return "r", length "l" and, where the env
-    reports one, as OGBench's do, "success").
+    reports it (success_of), "success").
 
     The stored `next_obs` is the true successor even when the episode ends (the reset comes after),
     and only `terminated` is stored: a time-limit truncation must still bootstrap from `next_obs`.
@@ -230,9 +245,19 @@ def env_step(env: gym.Env, obs: np.ndarray, action: np.ndarray):
     transition = (obs, np.asarray(action, np.float32), np.float32(reward), next_obs, np.float32(terminated))
     episode = None
     if terminated or truncated:
-        episode = dict(info.get("episode", {}), **({"success": float(info["success"])} if "success" in info else {}))
+        success = success_of(info)
+        episode = dict(info.get("episode", {}), **({"success": success} if success is not None else {}))
         next_obs, _ = env.reset()
     return transition, next_obs, episode
+
+
+def success_of(info: dict) -> float | None:
+    """Whether an episode's last step reports success (OGBench's info["success"], MyoSuite's info["solved"]) as 1.0 or
+    0.0; None for envs that report neither."""
+    for key in ("success", "solved"):
+        if key in info:
+            return float(info[key])
+    return None
 
 
 def env_dims(env_id: str) -> tuple[int, int]:
@@ -340,7 +365,7 @@ def evaluate(envs: SeedEnvs, act, actor_params, keys, episodes: int, seeds=None,
     """Run `episodes` whole episodes on every env of `envs` at once, env i acting with seed i's slice of
     `act(actor_params, obs, keys) -> (actions, keys)` (all three stacked over seeds; the actions may be chunks,
     played open-loop: next_actions). Returns each seed's list of undiscounted returns and its list of successes
-    (1.0 or 0.0 per episode, for envs that report `info["success"]`, as OGBench's do; else empty). `seeds[i]`
+    (1.0 or 0.0 per episode, for envs that report it, as OGBench's and MyoSuite's do: success_of; else empty). `seeds[i]`
     reseeds env i's first reset, which makes an evaluation depend on nothing but its arguments (and so survive
     a resume unchanged). Seed i's episode j is recorded to the MP4 file `videos[i][j]` where one is given (envs
     made with render=True). An env that has finished its episodes waits, and its key stays."""
@@ -361,8 +386,8 @@ def evaluate(envs: SeedEnvs, act, actor_params, keys, episodes: int, seeds=None,
             if terminated or truncated:
                 j = len(returns[i])
                 returns[i].append(totals[i])
-                if "success" in info:
-                    successes[i].append(float(info["success"]))
+                if success_of(info) is not None:
+                    successes[i].append(success_of(info))
                 totals[i], left[i] = 0.0, 0
                 if frames[i] is not None:
                     write_video(videos[i][j], frames[i], env.metadata.get("render_fps", 30))
