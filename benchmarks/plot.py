@@ -2,6 +2,7 @@
 
     python benchmarks/plot.py                                   # the committed CPU runs -> benchmarks/results
     python benchmarks/plot.py --runs runs --out my_results      # your own runs (e.g. from benchmarks/run.py)
+    python benchmarks/plot.py --runs runs --out my_results --extra-tag losses/log_std   # and a third panel
 
 Runs are grouped by (task, script) from their folder names `{env}__{exp_name}__{seed}__{time}`, or
 `{env}__{exp_name}__{seed}__{time}__s{seed}` for each seed of a --num-seeds run (the newest folder per
@@ -58,6 +59,8 @@ class Args:
     """training returns are averaged into this many step bins per seed before aggregating"""
     title_note: str = ""
     """appended to every title (default: the first line of {runs}/MACHINE, if there is one)"""
+    extra_tag: str = ""
+    """a third panel with this logged scalar (e.g. losses/log_std): IQM and 95% interval over seeds"""
 
 
 def read_scalars(run_dir: str, tags) -> dict:
@@ -157,11 +160,11 @@ def main() -> None:
     table = ["| task | script | seeds | env steps | final eval return (mean +- std) | IQM | "
              "final training return (mean +- std) | IQM |", "|---|---|---|---|---|---|---|---|"]
     for env_id in sorted({e for e, _ in groups}):
-        fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+        fig, axes = plt.subplots(1, 3 if args.extra_tag else 2, figsize=(19 if args.extra_tag else 13, 4.8))
         for (env, script), dirs in sorted(groups.items()):
             if env != env_id:
                 continue
-            logs = [read_scalars(d, ["eval/episodic_return", "charts/episodic_return"]) for d in dirs]
+            logs = [read_scalars(d, ["eval/episodic_return", "charts/episodic_return", args.extra_tag]) for d in dirs]
             evals = [lg["eval/episodic_return"] for lg in logs if "eval/episodic_return" in lg]
             trains = [lg["charts/episodic_return"] for lg in logs if "charts/episodic_return" in lg]
             eval_cell, train_cell, steps = "- | -", "- | -", 0
@@ -183,9 +186,21 @@ def main() -> None:
                 axes[1].plot(centres, mid, label=f"{script} ({seeds(len(trains))})")
                 axes[1].fill_between(centres, lo, hi, alpha=0.25)
                 train_cell, steps = mean_sd_iqm(ys[:, -1]), max(steps, int(last))
+            extras = [lg[args.extra_tag] for lg in logs if args.extra_tag in lg]
+            if extras:
+                grid = np.unique(np.concatenate([c[:, 0] for c in extras]))
+                grid = grid[grid <= min(c[-1, 0] for c in extras)]
+                mid, lo, hi = iqm_curve(on_grid(extras, grid))
+                axes[2].plot(grid, mid, label=f"{script} ({seeds(len(extras))})")
+                axes[2].fill_between(grid, lo, hi, alpha=0.25)
             table.append(f"| {env_id} | {script} | {len(dirs)} | {steps} | {eval_cell} | {train_cell} |")
+        if args.extra_tag:
+            axes[2].set(xlabel="environment steps", ylabel=args.extra_tag)
+            axes[2].set_title(f"{args.extra_tag}: IQM and 95% bootstrap CI over seeds", fontsize=10)
+            axes[2].grid(alpha=0.3)
+            axes[2].legend(fontsize=8, loc="best")
         panels = [("evaluation return", EVAL_REFERENCES), ("training episode return", TRAIN_REFERENCES)]
-        for ax, (what, refs) in zip(axes, panels):
+        for ax, (what, refs) in zip(axes[:2], panels):
             for i, (label, value) in enumerate(refs.get(env_id, [])):
                 ax.axhline(value, ls="--", lw=1, color=f"C{i + 5}", label=label)
             ax.set_xlabel("environment steps")
