@@ -17,8 +17,8 @@ Schedule (--schedule; the default is the authors' main_action_reg_three_phase.py
 | paper | what | where |
 |---|---|---|
 | Eq. 3 | flow matching: E ||v(s, x_t, t) - (x_1 - x_0)||^2, x_t = (1 - t) x_0 + t x_1 | flow_matching_loss, flow_matching_step |
-| Eq. 6 | Flow-G velocity v = sigmoid(g) * (c - x) | GatedVelocity (TimeEmbedding) |
-| Eq. 7-9 | Flow-T velocity: pre-norm decoder blocks over one action-time token | DecodedVelocity (DecoderBlock, MultiHeadAttention) |
+| Eq. 6 | Flow-G velocity v = sigmoid(g) * (c - x) | AuthorsGatedVelocity; --architecture from-scratch: GatedVelocity |
+| Eq. 7-9 | Flow-T velocity: decoder blocks over one action-time token | DecodedVelocity (DecoderBlock, MultiHeadAttention) |
 | Eq. 13 | noise-augmented rollout, fixed noise sigma_k sqrt(dt) = --noise-std | flow_rollout, make_sampler |
 | Eq. 15 | path log-density log pi = log N(x_0) + sum_k log N(x_{k+1}; mean_k, std_k) - log|da/dx_K| | path_log_prob (gaussian_log_prob) |
 | Eq. 12 | actor: beta ||a_pi - a_data||^2 + mean(alpha log pi - mean_i Q_i(s, a_pi)) | bc_loss, eq12_step |

@@ -50,7 +50,7 @@ def check_ranges(args, positive=(), nonnegative=(), fraction=(), unit=()) -> Non
 def check_run_args(args) -> None:
     """The flags every training script has (run length, buffer, batch, logging, evaluation, checkpoints, where
     the run comes from, the env id), refused in one line; a script checks its own hyperparameters besides.
-    sac_flow_o2o.py (it has --offline-steps) sizes its buffer by its dataset and may take no env step at all."""
+    sac_flow_o2o.py (it has --offline-steps) sizes its buffer by its dataset too, and may take no env step at all."""
     offline = hasattr(args, "offline_steps")
     check_ranges(args, positive=["num_seeds", "batch_size", "eval_every", "log_every"] + ([] if offline else ["total_timesteps", "buffer_size"]),
                  nonnegative=["learning_starts", "eval_episodes", "checkpoint_every"] + (["total_timesteps"] if offline else []))
