@@ -59,13 +59,15 @@ class Args(RunArgs):
     env_id: str = "cube-double-singletask-task2-v0"
     """the online env: an OGBench single-task id or a Gymnasium MuJoCo id whose sizes match the dataset"""
     total_timesteps: Annotated[int, tyro.conf.arg(aliases=("--online-steps",))] = 1_000_000
-    """online env steps, after the --offline-steps (one gradient step each from --learning-starts on; 0: pretraining only)"""
+    """online env steps, after the --offline-steps (one gradient step each from --learning-starts on; 0: pretraining
+    only)"""
     eval_every: int = 100_000
     """evaluate every this many steps (offline steps count first), and at the end of the offline phase"""
     eval_episodes: int = 50
     """episodes per evaluation (sampled with --act-noise-std, as acting); 0: no evaluation"""
     dataset: Optional[str] = None
-    """demonstrations (required to train): an OGBench .npz or a Robomimic low-dim .hdf5 (benchmarks/make_dataset.py writes both)"""
+    """demonstrations (required to train): an OGBench .npz or a Robomimic low-dim .hdf5 (benchmarks/make_dataset.py
+    writes both)"""
     dataset_obs_keys: Optional[tuple[str, ...]] = None
     """Robomimic obs keys concatenated into the observation (default: its low-dim keys, else every key of the file)"""
     schedule: Literal["three-phase", "two-phase"] = "three-phase"
@@ -107,7 +109,8 @@ class Args(RunArgs):
     time_emb_dim: int = 32
     """Flow-G with --architecture from-scratch: size of the sinusoidal time embedding (half as many frequencies)"""
     d_model: int = 128
-    """Flow-T: width of the action-time and state tokens (the authors' offline-to-online 128; from scratch they use 96)"""
+    """Flow-T: width of the action-time and state tokens (the authors' offline-to-online 128; from scratch they use
+    96)"""
     n_heads: int = 4
     """Flow-T: attention heads (must divide --d-model)"""
     n_layers: int = 2
@@ -183,8 +186,9 @@ def check_args(args: Args) -> None:
     """Refuse impossible settings with one line, before anything is built."""
     if args.dataset is None and not (args.resume or args.eval_only):
         raise ConfigError("--dataset is required: an OGBench .npz or a Robomimic .hdf5 (benchmarks/make_dataset.py makes one)")
-    check_ranges(args, positive=["horizon", "buffer_size", "gate_dim", "learning_rate", "n_critics", "critic_width", "critic_depth", "hidden_dim",
-                                 "d_model", "n_heads", "n_layers", "flow_steps", "noise_std", "act_noise_std", "alpha"],
+    check_ranges(args, positive=["horizon", "buffer_size", "learning_rate", "n_critics", "critic_width", "critic_depth",
+                                 "hidden_dim", "gate_dim", "d_model", "n_heads", "n_layers", "flow_steps", "noise_std",
+                                 "act_noise_std", "alpha"],
                  nonnegative=["offline_steps", "bc_weight", "online_bc_weight"], unit=["gamma"])
     if args.time_emb_dim < 4 or args.time_emb_dim % 2:
         raise ConfigError(f"--time-emb-dim must be an even number >= 4, got {args.time_emb_dim}")
