@@ -103,6 +103,7 @@ class TrainingRun:
             raise ConfigError(f"--total-timesteps {args.total_timesteps} ends the run before the checkpoint's step {resume[1]['step']}"
                               + (f" (of which {offline_steps} offline)" if offline_steps else ""))
         self.capacity, self.buffer_init, add = buffer or (args.buffer_size, buffer_init, buffer_add)
+        self.filled_buffer = buffer is not None
         self.seeds = [args.seed + i for i in range(args.num_seeds)]
         if resume:
             run_name, self.run_dir = resume[1]["meta"]["run_name"], resume_run_dir(*resume)
@@ -155,9 +156,13 @@ class TrainingRun:
             k_act = k_act if acting is None else acting(k_act)
             make = seed_map(lambda k: create_agent(args, self.obs_dim, self.act_dim, k), S)
             agent = jax.jit(make, out_shardings=self.sharding)(k_agent)
-            # One seed's empty (or dataset-filled) buffer, copied to every seed on the device that holds it.
-            buf = jax.jit(lambda b: jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (S,) + x.shape), b),
-                          out_shardings=self.sharding)(self.buffer_init(self.capacity, self.obs_dim, self.act_dim))
+            init = lambda: self.buffer_init(self.capacity, self.obs_dim, self.act_dim)
+            if self.filled_buffer:  # a script's buffer with contents (o2o's dataset): made once, copied to every seed
+                stack = lambda b: jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (S,) + x.shape), b)
+                buf = jax.jit(stack, out_shardings=self.sharding)(init())
+            else:  # empty: zeros made in place, each seed's on its device (no host copy, no second buffer)
+                buf = jax.jit(lambda: jax.tree_util.tree_map(lambda x: jnp.zeros((S,) + x.shape, x.dtype), init()),
+                              out_shardings=self.sharding)()
             obs = self.envs.reset()
             if self.resume:
                 agent, k_act, buf, obs = self._restore(agent, k_act, buf)
