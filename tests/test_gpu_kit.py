@@ -13,7 +13,9 @@ import pytest
 from helpers import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks", "gpu"))
 
+import kit  # noqa: E402  (benchmarks/gpu/kit.py)
 import throughput  # noqa: E402
 
 KIT = os.path.join(ROOT, "benchmarks", "gpu", "kit.py")
@@ -133,3 +135,17 @@ def test_kit_and_collect_refuse_bad_input_in_one_line(tmp_path):
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: JAX sees no GPU here"), r.stderr
     r = run([COLLECT, str(tmp_path)], tmp_path)
     assert r.returncode == 1 and r.stderr.strip().startswith("error: no phase0.json") and r.stderr.strip().count("\n") == 0
+
+
+def test_phase1_table_pairs_rows_of_one_device_call():
+    """Rows merged from two device calls: each 8-seed row is held against the 1-seed row of its own call."""
+    def row(seeds, loop, call):
+        return {"script": "flowrl_jax", "env_id": "Hopper-v4", "num_seeds": seeds, "compile_s": 1.0,
+                "grad_steps_per_s": 100.0, "loop_env_steps_per_s": loop, "env_step_ms": 0.3, "call": call}
+
+    info = {"device": "d", "platform": "gpu", "cpu_count": 1, "processor": "x", "python": "3", "versions": {},
+            "commit": "c", "date": "t"}
+    table = kit.phase1_table(info, [row(1, 100.0, "a"), row(8, 50.0, "a"), row(1, 200.0, "b"), row(8, 100.0, "b")], False)
+    assert table.count("8 seeds: 2.00 times one seed's wall time") == 2, table
+    assert "Hopper-v4 (a)" in table and "Hopper-v4 (b)" in table
+    assert "(b): 200 env steps/s (target 1000): missed" in table
