@@ -41,10 +41,9 @@ import tyro
 from flax import struct
 from flax.training.train_state import TrainState
 
-from common.args import RunArgs
+from common.args import ConfigError, RunArgs, check_ranges, check_run_args
 from common.buffer import Batch, ReplayBuffer, buffer_gather
 from common.checkpoint import finite_flags, restore_tree
-from common.env import ConfigError, check_ranges, check_run_args
 from common.run import ExitStatus, TrainingRun, eval_only, prepare_resume
 from common.seeds import seed_map
 

@@ -36,10 +36,10 @@ import optax
 from flax import struct
 from flax.training.train_state import TrainState
 
-from common.args import RunArgs
+from common.args import ConfigError, RunArgs, check_ranges, check_run_args
 from common.buffer import Batch, ReplayBuffer, buffer_sample
 from common.checkpoint import finite_flags, restore_tree
-from common.env import ConfigError, action_scale, check_ranges, check_run_args
+from common.env import action_scale
 from common.layers import BatchRenorm, NormedDense
 from common.run import ExitStatus, TrainingRun, eval_only, prepare_resume
 from common.seeds import seed_map

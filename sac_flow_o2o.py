@@ -42,10 +42,10 @@ import tyro
 from flax import struct
 from flax.training.train_state import TrainState
 
-from common.args import RunArgs
+from common.args import ConfigError, RunArgs, check_ranges, check_run_args
 from common.checkpoint import finite_flags, restore_tree
 from common.datasets import ROBOMIMIC_ID, load_dataset, robomimic_task
-from common.env import ConfigError, check_ranges, check_run_args, next_actions
+from common.env import next_actions
 from common.run import ExitStatus, TrainingRun, eval_only, prepare_resume
 from common.seeds import seed_map
 

@@ -152,7 +152,7 @@ def plot(args: Args, results: dict, path: str) -> None:
 def main(argv=None) -> int:
     import tyro
 
-    from common.env import ConfigError
+    from common.args import ConfigError
 
     args = tyro.cli(Args, args=argv)
     try:

@@ -24,7 +24,8 @@ import jax
 import numpy as np
 from flax import serialization
 
-from common.env import ConfigError, rng_state, set_rng_state
+from common.args import ConfigError
+from common.env import rng_state, set_rng_state
 from common.seeds import per_seed, stack_seeds
 
 MAGIC = b"FLOWCKPT"

@@ -26,7 +26,8 @@ import warnings
 import gymnasium as gym
 import numpy as np
 
-from common.env import ConfigError, check_env_id
+from common.args import ConfigError
+from common.env import check_env_id
 
 ROBOMIMIC_LOW_DIM_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")
 FIELDS = ("obs", "actions", "rewards", "next_obs", "terminated", "ends")

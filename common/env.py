@@ -14,53 +14,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common.tracking import check_tracking  # noqa: E402
-
-
-class ConfigError(ValueError):
-    """Bad user input: the scripts print its message as one line and exit with status 2."""
-
-
-def check_run_flags(args) -> None:
-    """The flags about where a run comes from (--resume, --eval-only --checkpoint) must agree."""
-    if args.resume and args.eval_only:
-        raise ConfigError("--resume continues training and --eval-only evaluates: give one of them")
-    if args.eval_only and not args.checkpoint:
-        raise ConfigError("--eval-only needs --checkpoint PATH (a model file, a training checkpoint or a run folder)")
-    if args.checkpoint and not args.eval_only:
-        raise ConfigError("--checkpoint is read by --eval-only; to continue training a run use --resume PATH")
-    if args.checkpoint and not os.path.exists(args.checkpoint):
-        raise ConfigError(f"--checkpoint {args.checkpoint!r} does not exist")
-    if args.resume and not os.path.exists(args.resume):
-        raise ConfigError(f"--resume {args.resume!r} does not exist (give a checkpoint file or a run folder)")
-
-
-def check_ranges(args, positive=(), nonnegative=(), fraction=(), unit=()) -> None:
-    """Refuse in one line the first flag outside its range: `positive` > 0, `nonnegative` >= 0, `fraction`
-    in [0, 1) (momenta, Adam's beta1), `unit` in [0, 1] (discounts, mixing shares)."""
-    rules = [(positive, lambda v: v > 0, "positive"), (nonnegative, lambda v: v >= 0, ">= 0"),
-             (fraction, lambda v: 0 <= v < 1, "in [0.0, 1.0)"), (unit, lambda v: 0 <= v <= 1, "in [0.0, 1.0]")]
-    for names, ok, allowed in rules:
-        for name in names:
-            value = getattr(args, name)
-            if value is not None and not ok(value):
-                raise ConfigError(f"--{name.replace('_', '-')} must be {allowed}, got {value}")
-
-
-def check_run_args(args) -> None:
-    """The flags every training script has (run length, buffer, batch, logging, evaluation, checkpoints, where
-    the run comes from, the env id), refused in one line; a script checks its own hyperparameters besides.
-    sac_flow_o2o.py (it has --offline-steps) sizes its buffer by its dataset too, and may take no env step at all."""
-    offline = hasattr(args, "offline_steps")
-    check_ranges(args, positive=["num_seeds", "batch_size", "eval_every", "log_every"] + ([] if offline else ["total_timesteps", "buffer_size"]),
-                 nonnegative=["learning_starts", "eval_episodes", "checkpoint_every"] + (["total_timesteps"] if offline else []))
-    if args.keep_checkpoints < 1:
-        raise ConfigError(f"--keep-checkpoints must be at least 1, got {args.keep_checkpoints}")
-    if not offline and args.batch_size > args.buffer_size:
-        raise ConfigError(f"--batch-size {args.batch_size} is above --buffer-size {args.buffer_size}; it must be at most the buffer size")
-    check_run_flags(args)
-    check_tracking(args)
-    check_env_id(args.env_id, ogbench=offline)
+from common.args import ConfigError  # noqa: E402  (the scripts' bad-input error; re-exported)
 
 
 _EXAMPLES = (

@@ -41,7 +41,8 @@ from common.buffer import buffer_add, buffer_init
 from common.checkpoint import (Diverged, StopOnSignal, adopt_saved_args, check_metrics, first_nonfinite, load_model,
                                prepare_run_dir, read_resume, refuse_older, restore_training, resume_run_dir,
                                save_checkpoint, save_model, training_checkpoint, video_dir)
-from common.env import ConfigError, SeedEnvs, check_env_id, env_dims, evaluate, seed_everything
+from common.args import ConfigError
+from common.env import SeedEnvs, check_env_id, env_dims, evaluate, seed_everything
 from common.seeds import check_buffer_memory, per_seed, seed_map, seed_sharding
 from common.tracking import RunWriter
 

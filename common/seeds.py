@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from common.env import ConfigError
+from common.args import ConfigError
 
 SEED_AXIS = "seeds"
 

@@ -20,7 +20,7 @@ _RESERVED = ":;,#?/'"
 
 def check_tracking(args) -> None:
     """Refuse --track when wandb cannot be imported (one line naming the fix)."""
-    from common.env import ConfigError
+    from common.args import ConfigError
 
     if getattr(args, "track", False):
         try:

@@ -22,7 +22,7 @@ from benchmarks import make_dataset
 import common.env
 from common.checkpoint import list_checkpoints, read_container
 from common.datasets import load_dataset, robomimic_task
-from common.env import ConfigError
+from common.args import ConfigError
 from helpers import all_finite, assert_same_tree, assert_wandb_matches_tensorboard, only_run_dir, read_scalars, run_script
 from sac_flow_o2o import ChunkBatch, chunk_add, chunk_buffer, sample_chunks
 

@@ -14,7 +14,7 @@ import pytest
 
 from common.args import RunArgs
 from common.checkpoint import Diverged, list_checkpoints, read_container
-from common.env import ConfigError
+from common.args import ConfigError
 from common.run import ExitStatus, TrainingRun, metric_scalars
 from helpers import read_scalars, wandb_offline_runs
 
