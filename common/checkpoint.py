@@ -1,10 +1,8 @@
-"""Model files and training checkpoints, written with flax's msgpack serialization.
+"""Model files and training checkpoints: an 8-byte magic, the payload's length and CRC-32, then flax's msgpack.
 
-Both are one container: an 8-byte magic, the payload's length and CRC-32, then the msgpack payload.
-The CRC refuses a truncated or damaged file before any of it is trusted. A write goes to a temp
-file in the same folder, is fsynced and renamed over the target: a crash mid-write leaves the
-previous file intact. A model file holds {"algo", "kind": "model", "config", "params"}; a training
-checkpoint holds everything `--resume` needs (see the scripts' `checkpoint_payload`).
+The CRC refuses a truncated or damaged file before any of it is trusted. A write goes to a temp file in the same
+folder, fsynced and renamed over the target: a crash mid-write leaves the previous file intact. A model file holds
+{"algo", "kind": "model", "config", "params"}; a training checkpoint everything --resume needs (training_checkpoint).
 """
 
 from __future__ import annotations
@@ -95,9 +93,7 @@ def check_algo(state: dict, algo: str, path: str, flag: str) -> None:
         raise ConfigError(f"{flag} {path!r} was written by {state.get('algo')}, not {algo}: use that script")
 
 
-# ---------------------------------------------------------------------------------------------
-# Model files (--save-model) and loading an actor for --eval-only
-# ---------------------------------------------------------------------------------------------
+# ---- Model files (--save-model) and loading an actor for --eval-only -----------------------------------------------
 
 
 def save_model(path: str, algo: str, config: dict, params: dict) -> None:
@@ -106,9 +102,8 @@ def save_model(path: str, algo: str, config: dict, params: dict) -> None:
 
 
 def load_model(path: str, algo: str, config_keys=(), seed: int | None = None) -> tuple[dict, dict]:
-    """Read a model file or a training checkpoint (or a run folder's newest checkpoint) of `algo`;
-    return (config, raw parameter dict with at least "actor"). Of a many-seed training checkpoint the
-    agent of `seed` is taken (the first agent when `seed` is None)."""
+    """Read a model file, a training checkpoint or a run folder's newest checkpoint of `algo`: (config, raw
+    parameters with at least "actor"). Of a many-seed checkpoint, the agent of `seed` (None: the first)."""
     if os.path.isdir(path):
         path = newest_checkpoint(path, "--checkpoint")
     state = read_container(path, "--checkpoint")
@@ -132,8 +127,7 @@ def load_model(path: str, algo: str, config_keys=(), seed: int | None = None) ->
 
 
 def refuse_older(config: dict, config_keys, path: str, flag: str, algo: str) -> None:
-    """A file whose saved arguments lack one of `config_keys` was written before that setting existed, by a
-    version of `algo` whose networks this one cannot rebuild: say so, rather than fail on a shape."""
+    """A file whose arguments lack one of `config_keys` predates that setting: say so, rather than fail on a shape."""
     missing = [k for k in config_keys if k not in config]
     if missing:
         raise ConfigError(f"{flag} {path!r} was written by an older version of {algo} (it has no "
@@ -142,8 +136,7 @@ def refuse_older(config: dict, config_keys, path: str, flag: str, algo: str) -> 
 
 
 def restore_tree(template, raw, path: str, flag: str = "--checkpoint"):
-    """Restore `raw` into the structure of `template`; any mismatch of names, shapes or dtypes is a
-    ConfigError (another env's action size, other network sizes)."""
+    """Restore `raw` into `template`'s structure; a mismatch of names, shapes or dtypes is a ConfigError."""
     try:
         tree = serialization.from_state_dict(template, raw)
         leaves, want = jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(template)
@@ -157,9 +150,7 @@ def restore_tree(template, raw, path: str, flag: str = "--checkpoint"):
     return tree
 
 
-# ---------------------------------------------------------------------------------------------
-# Training checkpoints
-# ---------------------------------------------------------------------------------------------
+# ---- Training checkpoints ------------------------------------------------------------------------------------------
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"step_(\d+)\.ckpt$")
@@ -196,10 +187,9 @@ def newest_checkpoint(run_dir: str, flag: str) -> str:
 
 
 def load_training_checkpoint(path: str, algo: str) -> tuple[str, dict]:
-    """Resolve --resume PATH (a checkpoint file or a run folder) and read it. In a folder the newest
-    readable checkpoint wins; a damaged newer one is renamed to *.corrupt (kept, but no longer counted)
-    with a warning. An explicit file must be the newest of its run: resuming an older one would
-    overwrite the later checkpoints and logs."""
+    """Resolve --resume PATH (a checkpoint or a run folder) and read it. In a folder the newest readable one wins
+    (a damaged newer one is renamed *.corrupt, with a warning). A file must be the newest of its run: resuming an
+    older one would overwrite the later checkpoints and logs."""
     if os.path.isdir(path):
         found = list_checkpoints(path)
         if not found:
@@ -251,9 +241,8 @@ def video_dir(checkpoint: str) -> str:
 
 
 def adopt_saved_args(args, saved: dict, defaults, names, flag: str, may_change=()) -> None:
-    """Take `names` from a checkpoint's arguments. One of `may_change` given now wins over the saved
-    value; any other flag given now that contradicts the saved value is refused rather than silently
-    ignored or silently applied."""
+    """Take `names` from a checkpoint's arguments. Of `may_change`, a value given now wins; any other given
+    value that contradicts the saved one is refused, neither ignored nor applied silently."""
     for name in names:
         if name not in saved:
             continue
@@ -300,9 +289,8 @@ def prepare_run_dir(run_dir: str, resumed: bool) -> None:
 
 
 def training_checkpoint(algo: str, args, step: int, state, buf, envs, obs, meta: dict) -> dict:
-    """The payload of a training checkpoint: `state` is every array the run carries (agent with its
-    optimisers, statistics and keys; the acting key), `buf` the replay buffer or None, all with a
-    leading seed axis; `envs` the run's SeedEnvs. The buffer is packed seed by seed."""
+    """A training checkpoint: `state` (every array the run carries: agent, optimisers, keys) and `buf` (the
+    replay buffer or None), seed-stacked; `envs`, the run's SeedEnvs. The buffer is packed seed by seed."""
     from dataclasses import asdict
 
     host_buf = None if buf is None else jax.device_get(buf)
@@ -333,9 +321,7 @@ def restore_training(path: str, ckpt: dict, state_template, buf_template, envs):
     return state, buf, obs
 
 
-# ---------------------------------------------------------------------------------------------
-# What goes into a training checkpoint besides the agent: the buffer, the host RNGs
-# ---------------------------------------------------------------------------------------------
+# ---- What goes into a training checkpoint besides the agent: the buffer, the host RNGs -----------------------------
 
 _BLOCK = 1 << 26  # 64 MiB: compressed independently, on all cores (zlib releases the GIL)
 
@@ -354,10 +340,9 @@ def _decompress(packed: dict) -> np.ndarray:
 
 
 def pack_buffer(buf) -> dict:
-    """The filled part of a replay buffer (a NamedTuple of per-row arrays with `pos` and `size`: common/buffer.py's,
-    or a script's own), zlib-compressed. Consecutive transitions share an observation (next_obs[i] is obs[i + 1]
-    except where an episode ended), so next_obs is stored only where it differs, which halves the largest part
-    before compression."""
+    """The filled part of a replay buffer (a NamedTuple of per-row arrays with `pos` and `size`), zlib-compressed.
+    next_obs[i] is obs[i + 1] except where an episode ended, so it is stored only where it differs: that halves
+    the largest part before compression."""
     size, pos = int(buf.size), int(buf.pos)
     names = [name for name in buf._fields if name not in ("pos", "size")]
     host = {name: np.asarray(getattr(buf, name))[:size] for name in names}
@@ -409,8 +394,8 @@ def set_host_rng_states(states: dict) -> None:
 
 
 def first_nonfinite(tree, prefix: str = "", seeds=None) -> str | None:
-    """The path of the first leaf of `tree` holding a NaN or an infinity, or None (one device sync).
-    With `seeds`, every leaf has a leading seed axis and the answer names the seed too."""
+    """The path of the first leaf of `tree` holding a NaN or an infinity, or None (one device sync); with
+    `seeds` (seed-stacked leaves), naming the seed too."""
     import jax.numpy as jnp
 
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
@@ -436,8 +421,7 @@ class Diverged(RuntimeError):
 
 
 def check_metrics(info: dict, step: int, last_checkpoint: str | None, seeds=None) -> None:
-    """`info["finite"]` flags, in sorted-name order, which of the update's metrics are finite; with
-    `seeds`, one row of flags per seed, and the first seed with a bad metric is named."""
+    """Raise Diverged if `info["finite"]` (flags in sorted-name order; with `seeds`, a row per seed) has a False."""
     finite = np.asarray(info["finite"])
     if not finite.all():
         names = sorted(k for k in info if k != "finite")
@@ -457,8 +441,8 @@ def finite_flags(metrics: dict):
 
 
 class StopOnSignal:
-    """While active, SIGINT and SIGTERM only set `self.signal`: the training loop finishes its step,
-    writes a checkpoint and exits cleanly. A second Ctrl-C interrupts at once (KeyboardInterrupt)."""
+    """While active, SIGINT and SIGTERM only set `self.signal`: the loop finishes its step, writes a checkpoint
+    and exits. A second Ctrl-C interrupts at once (KeyboardInterrupt)."""
 
     def __init__(self):
         self.signal = None

@@ -100,13 +100,10 @@ class _Float32Obs(gym.ObservationWrapper):
 
 
 def make_env(env_id: str, seed: int, render: bool = False) -> gym.Env:
-    """Build one env with flat float32 observations, actions in [-1, 1] and episode statistics.
-
+    """One env with flat float32 observations, actions in [-1, 1], episode statistics and a savable state.
     The caller seeds the dynamics with the first `env.reset(seed=seed)`; the spaces are seeded here.
-    Episodes end with `terminated` (a true end: do not bootstrap) or `truncated` (a time limit:
-    bootstrap), kept apart as Gymnasium reports them; dm_control episodes only ever truncate.
-    `render=True` makes `env.render()` return RGB frames (for --capture-video).
-    """
+    `terminated` (do not bootstrap) and `truncated` (a time limit) stay apart, as Gymnasium reports them.
+    `render=True`: `env.render()` returns RGB frames (--capture-video)."""
     check_env_id(env_id)
     with warnings.catch_warnings():
         # v4 tasks are the papers' benchmarks; Gymnasium's "out of date" notice is noise here.
@@ -145,11 +142,10 @@ def set_rng_state(rng, state: str) -> None:
 
 
 class EpisodeReplay(gym.Wrapper):
-    """Makes the env's state savable mid-episode. Gymnasium's MuJoCo envs pickle as their constructor
-    arguments, not their state, so this keeps what rebuilds the state instead: the reset's seed (or
-    the env's RNG state just before the reset) and the actions since. MuJoCo is deterministic, so
-    replaying them restores the simulator bit for bit, with every wrapper's counters (time limit,
-    episode statistics); the RNG of `action_space.sample()` is saved directly."""
+    """Makes the env's state savable mid-episode. Gymnasium's MuJoCo envs pickle as their constructor arguments,
+    not their state, so this keeps what rebuilds it: the reset's seed (or the RNG state before it) and the actions
+    since. MuJoCo is deterministic: replaying them restores the simulator and every wrapper's counters bit for
+    bit. The RNG of `action_space.sample()` is saved directly."""
 
     def reset(self, *, seed=None, options=None):
         self._reset_seed = seed
@@ -188,13 +184,9 @@ def seed_everything(seed: int):
 
 
 def env_step(env: gym.Env, obs: np.ndarray, action: np.ndarray):
-    """Step `env` once. Returns the transition to store, the observation to act on next and the
-    finished episode's statistics (None mid-episode: its return "r", length "l" and, where the env
-    reports it (success_of), "success").
-
-    The stored `next_obs` is the true successor even when the episode ends (the reset comes after),
-    and only `terminated` is stored: a time-limit truncation must still bootstrap from `next_obs`.
-    """
+    """Step `env` once: the transition to store, the observation to act on next, and the finished episode's
+    statistics ("r", "l" and, where reported, "success"; None mid-episode). The stored `next_obs` is the true
+    successor even at an episode's end, and only `terminated` is stored: a truncation still bootstraps."""
     next_obs, reward, terminated, truncated, info = env.step(action)
     transition = (obs, np.asarray(action, np.float32), np.float32(reward), next_obs, np.float32(terminated))
     episode = None
@@ -206,8 +198,7 @@ def env_step(env: gym.Env, obs: np.ndarray, action: np.ndarray):
 
 
 def success_of(info: dict) -> float | None:
-    """Whether an episode's last step reports success (OGBench's info["success"], MyoSuite's info["solved"]) as 1.0 or
-    0.0; None for envs that report neither."""
+    """An episode's success at its last step (OGBench's info["success"], MyoSuite's "solved") as 1.0 or 0.0, else None."""
     for key in ("success", "solved"):
         if key in info:
             return float(info[key])
@@ -224,8 +215,8 @@ def env_dims(env_id: str) -> tuple[int, int]:
 
 
 def action_scale(env_id: str) -> np.ndarray:
-    """The half-range (high - low) / 2 of `env_id`'s own action bounds, per dimension, which make_env
-    rescales to [-1, 1]: the factor between a density over [-1, 1] actions and one in the env's units."""
+    """The half-range (high - low) / 2 of `env_id`'s own action bounds, which make_env rescales to [-1, 1]: the
+    factor between a density over [-1, 1] actions and one in the env's units."""
     env = make_env(env_id, 0)
     try:
         space = env.unwrapped.action_space
@@ -235,11 +226,9 @@ def action_scale(env_id: str) -> np.ndarray:
 
 
 class SeedEnvs:
-    """One env per seed (`seeds[i]` for agent i), stepped one after another in this process like
-    Gymnasium's SyncVectorEnv. Each is built, seeded, reset and stepped exactly as a single run's env
-    (`make_env`, `env_step`), so seed i's transitions are those of the single run with that seed;
-    Gymnasium's own vector envs reset a finished episode on the following step (or hide the final
-    observation in `info`) and would give up that match and the per-env replay state checkpoints need."""
+    """One env per seed (`seeds[i]` for agent i), stepped in turn like Gymnasium's SyncVectorEnv, but each exactly
+    as a single run's env (`make_env`, `env_step`), so seed i's transitions are the single run's. Gymnasium's
+    vector envs reset a finished episode on the next step and would lose that match and the per-env replay state."""
 
     def __init__(self, env_id: str, seeds, render: bool = False):
         self.seeds = list(seeds)
@@ -264,8 +253,7 @@ class SeedEnvs:
         return np.stack([env.action_space.sample() for env in self.envs])
 
     def step(self, obs: np.ndarray, actions: np.ndarray):
-        """`env_step` on every env: returns the transitions stacked over seeds, the next observations
-        and a list holding each seed's finished-episode statistics (or None)."""
+        """`env_step` on every env: the transitions and next observations stacked over seeds, and the episodes."""
         transitions, next_obs, episodes = [], [], []
         for env, o, a in zip(self.envs, obs, actions):
             transition, o, episode = env_step(env, o, a)
@@ -292,11 +280,10 @@ class SeedEnvs:
 
 
 def next_actions(act, actor_params, obs, keys, chunks, left, active):
-    """Each seed's next action when actions come in open-loop chunks. Seed i plays `chunks[i]` (H, act_dim), of
-    which `left[i]` actions are still unplayed (counted down here, in place). The `active` seeds with none left
-    (a new episode sets it to 0) get a new chunk from `act(actor_params, obs, keys) -> (chunks, keys)`, and only
-    their keys advance, so that seed i acts as its single run would; an `act` that returns one action per seed
-    (S, act_dim) gives chunks of one. Returns (actions, chunks, keys)."""
+    """Each seed's next action when actions come in open-loop chunks: seed i plays `chunks[i]` (H, act_dim), of
+    which `left[i]` are unplayed (counted down in place). `active` seeds with none left get a new chunk from
+    `act(actor_params, obs, keys) -> (chunks, keys)` and only their keys advance, so that seed i acts as its single
+    run would; one action per seed (S, act_dim) is a chunk of one. Returns (actions, chunks, keys)."""
     import jax.numpy as jnp
 
     ask = active & (left == 0)
@@ -316,13 +303,11 @@ def next_actions(act, actor_params, obs, keys, chunks, left, active):
 
 
 def evaluate(envs: SeedEnvs, act, actor_params, keys, episodes: int, seeds=None, videos=None):
-    """Run `episodes` whole episodes on every env of `envs` at once, env i acting with seed i's slice of
-    `act(actor_params, obs, keys) -> (actions, keys)` (all three stacked over seeds; the actions may be chunks,
-    played open-loop: next_actions). Returns each seed's list of undiscounted returns and its list of successes
-    (1.0 or 0.0 per episode, for envs that report it, as OGBench's and MyoSuite's do: success_of; else empty). `seeds[i]`
-    reseeds env i's first reset, which makes an evaluation depend on nothing but its arguments (and so survive
-    a resume unchanged). Seed i's episode j is recorded to the MP4 file `videos[i][j]` where one is given (envs
-    made with render=True). An env that has finished its episodes waits, and its key stays."""
+    """`episodes` whole episodes on every env of `envs` at once, env i acting with seed i's slice of
+    `act(actor_params, obs, keys) -> (actions or chunks, keys)` (next_actions). Returns each seed's undiscounted
+    returns and its successes (success_of; empty where the env reports none). `seeds[i]` reseeds env i's first
+    reset, so an evaluation depends on its arguments alone (and survives a resume). Seed i's episode j is recorded
+    to `videos[i][j]` where given (envs made with render=True). An env done with its episodes waits, its key kept."""
     n = len(envs)
     videos = videos or [[] for _ in range(n)]
     obs = envs.reset(seeds if seeds is not None else [None] * n)

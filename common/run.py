@@ -1,12 +1,9 @@
-"""Everything around a script's training loop, written once for the three scripts.
+"""Everything around a script's training loop, written once for the four scripts.
 
-A script keeps what is its method: networks, losses, the jitted update, how it acts. `TrainingRun`
-keeps what every run does the same way: the memory XLA frees (keep_freed_memory), the run folder
-and one TensorBoard run per seed, the seeds and their sharding over devices, the training and
-evaluation envs, a fresh or restored agent,
-episode and loss logging with SPS, evaluation every --eval-every steps, checkpoints every
---checkpoint-every steps or on Ctrl-C/SIGTERM, the divergence stop, --debug-nans, --save-model and
-the final summary. A script's `train` then reads as its loop:
+A script keeps its method: networks, losses, the jitted update, how it acts. `TrainingRun` keeps what
+every run does alike: the run folder and one TensorBoard run per seed, the seeds sharded over devices,
+the envs, a fresh or restored agent, logging with SPS, evaluation, checkpoints (periodic or on
+Ctrl-C/SIGTERM), the divergence stop, --debug-nans, --save-model and the summary. A script's `train`:
 
     run = TrainingRun(args, ALGO, __file__, resume)
     agent, k_act, buf, obs = run.init_state(create_agent)
@@ -20,8 +17,8 @@ the final summary. A script's `train` then reads as its loop:
     return run.finish(agent, update, MODEL_CONFIG, params_to_save)
 
 Every array of a run has a leading seed axis: agent i of `--num-seeds S --seed X` is the single run
-`--seed X+i` (common/seeds.py). `eval_only`, `prepare_resume` and `ExitStatus` are the rest of a
-script's command line: --eval-only, --resume and the exit statuses.
+`--seed X+i` (common/seeds.py). `eval_only`, `prepare_resume` and `ExitStatus` are the rest of the
+command line.
 """
 
 from __future__ import annotations
@@ -50,12 +47,9 @@ from common.tracking import RunWriter
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep the memory that XLA frees, so that the next update reuses it.
 
-    XLA:CPU allocates every call's temporaries and outputs afresh. glibc serves an allocation above its
-    mmap threshold (at most 32 MiB) with new pages and gives them back on free, so each update paid
-    for faulting its largest buffers in again (thousands of page faults per SAC Flow actor update).
-    Served from the heap and kept there (mmap off, no trimming below 2 GiB), they
-    come back already mapped. Only where the memory is placed changes, not what is computed
-    (docs/performance.md). Returns whether the settings took (Linux with glibc)."""
+    XLA:CPU allocates each call's temporaries afresh; glibc serves the large ones with new pages (mmap) and
+    returns them on free, so every update faulted its largest buffers in again. From the heap, kept (mmap off,
+    no trimming below 2 GiB), they come back mapped. Nothing computed changes. True where the settings took."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -68,9 +62,8 @@ def keep_freed_memory() -> bool:
 
 
 def metric_scalars(values: dict, i: int, vector_tags: dict | None = None) -> list[tuple[str, float]]:
-    """Seed i's (tag, value) pairs of an update's metrics (host arrays with a leading seed axis, without
-    the `finite` flags): `losses/{name}` for a scalar; for a vector one tag per entry, `{prefix}{k}` with the prefix
-    `vector_tags` gives the metric (a script's own naming), else `losses/{name}_`."""
+    """Seed i's (tag, value) pairs of an update's metrics (seed-stacked host arrays): `losses/{name}` for a scalar,
+    `{prefix}{k}` for entry k of a vector (the prefix from `vector_tags`, else `losses/{name}_`)."""
     scalars = []
     for name, value in values.items():
         value = np.asarray(value[i])
@@ -83,20 +76,16 @@ def metric_scalars(values: dict, i: int, vector_tags: dict | None = None) -> lis
 
 
 class TrainingRun:
-    """One training run of --num-seeds agents: its folders, envs, logs, clocks and checkpoints.
-
-    The script owns the loop's state (agent, acting key, buffer, observations) and passes it in;
-    the run owns the bookkeeping. Attributes a script reads: `envs` (one training env per seed),
+    """One training run of --num-seeds agents. The script owns the loop's state (agent, acting key, buffer,
+    observations) and passes it in; the run owns the bookkeeping. A script reads `envs` (one env per seed),
     `obs_dim`, `act_dim`, `sharding` (of the seed axis), `seeds`, `run_dir`, `log_dirs`, `meta`."""
 
     def __init__(self, args, algo: str, script: str, resume=None, vector_tags: dict | None = None, offline_steps: int = 0,
                  buffer=None):
-        """Name the run (or take the resumed one's), seed the host RNGs, pick the devices, refuse buffers
-        that cannot fit, create the run folder and build the envs. `resume` is prepare_resume's answer;
-        `vector_tags` names the TensorBoard tags of the script's vector metrics (metric_scalars).
-        sac_flow_o2o.py gives the two others: `offline_steps`, gradient steps on a dataset that the run's steps
-        count before its env steps (so step offline_steps + j is env step j), and `buffer`, its own replay buffer
-        as (capacity, init(capacity, obs_dim, act_dim), add) in place of --buffer-size rows of common/buffer.py."""
+        """Name the run (or take the resumed one's), seed the host RNGs, pick the devices, refuse buffers that
+        cannot fit, create the run folder, build the envs. `resume`: prepare_resume's answer; `vector_tags`: see
+        metric_scalars. sac_flow_o2o.py adds `offline_steps` (dataset updates counted before the env steps: step
+        offline_steps + j is env step j) and `buffer`, its own as (capacity, init(capacity, obs_dim, act_dim), add)."""
         self.args, self.algo, self.script, self.resume = args, algo, os.path.basename(script), resume
         self.vector_tags, self.offline_steps = vector_tags, offline_steps
         self.last_step = offline_steps + args.total_timesteps
@@ -144,11 +133,10 @@ class TrainingRun:
         return jax.device_put(tree, self.sharding)
 
     def init_state(self, create_agent, acting=None):
-        """The loop's state (agent, acting state, replay buffer, observations), all seed-stacked: built with
+        """The loop's seed-stacked state (agent, acting state, buffer, observations): built with
         `create_agent(args, obs_dim, act_dim, key)`, or restored from the resumed checkpoint. The acting state is
-        the acting keys, or what `acting(keys)` makes of them (sac_flow_o2o.py adds each seed's action chunk).
-        Then says what kind of run this is and opens the logs (after the restore: a refused checkpoint leaves the
-        folder as it was)."""
+        the acting keys, or `acting(keys)` (o2o adds each seed's action chunk). Opens the logs after the restore,
+        so that a refused checkpoint leaves the folder as it was."""
         args, S = self.args, self.args.num_seeds
         try:
             # Each seed's keys are split from its own root exactly as a single run's: agent i is the run --seed X+i.
@@ -210,8 +198,7 @@ class TrainingRun:
     # ---- the loop ------------------------------------------------------------------------------
 
     def __enter__(self):
-        """Start the clocks and the progress bar; until the end, SIGINT and SIGTERM only ask the loop to stop
-        (maybe_checkpoint), and --debug-nans turns on JAX's NaN check."""
+        """Start the clocks and the bar; SIGINT/SIGTERM now only ask the loop to stop (maybe_checkpoint)."""
         from tqdm import tqdm
 
         self._contexts = contextlib.ExitStack()
@@ -226,8 +213,7 @@ class TrainingRun:
         return self
 
     def __exit__(self, kind, error, traceback):
-        """Restore the signal handlers, close the bar, the logs and the envs; a NaN found by --debug-nans
-        becomes a Diverged naming the step and the last good checkpoint."""
+        """Close everything; a NaN found by --debug-nans becomes a Diverged naming the last good checkpoint."""
         try:
             self._contexts.close()
         finally:
@@ -246,15 +232,14 @@ class TrainingRun:
                 envs.close()
 
     def steps(self):
-        """The steps still to run, counted from 1: env steps (step N has made N transitions per seed), after the
-        offline steps if any."""
+        """The steps still to run, counted from 1 (env steps, after the offline steps if any)."""
         for step in range(self.start_step + 1, self.last_step + 1):
             self.step = step  # for the messages of a stop inside the step
             yield step
 
     def learns(self, step: int) -> bool:
-        """Whether this step updates the agent: after --learning-starts, or after the refill of a run resumed
-        without its buffer. The first True starts the clock of the learning rate (`learn_sps`)."""
+        """Whether this step updates the agent (after --learning-starts, or a resumed run's refill); the first True
+        starts the clock of `learn_sps`."""
         if step <= self.meta["updates_from"]:
             return False
         if self.learn_start is None:
@@ -262,15 +247,13 @@ class TrainingRun:
         return True
 
     def check_update(self, step: int, info: dict) -> None:
-        """Stop the run (Diverged) if one of the update's metrics is NaN or infinite; count it toward `learn_sps`
-        when it came after an env step (`learns`)."""
+        """Stop the run (Diverged) if a metric of the update is NaN or infinite; count it toward `learn_sps`."""
         self.n_updates += self.learn_start is not None
         check_metrics(info, step, self.last_checkpoint, self.seeds)
 
     def log(self, step: int, episodes: list, info: dict | None) -> None:
-        """Each finished episode's return and length; every --log-every steps SPS (each seed's env steps per
-        second since the start), SPS_window (over the last --log-every steps, evaluation excluded) and every
-        metric of the latest update's `info`; the progress bar."""
+        """Each finished episode; every --log-every steps SPS (per seed, since the start), SPS_window (the last
+        --log-every steps, evaluation excluded) and the latest update's metrics; the progress bar."""
         args = self.args
         for i, episode in enumerate(episodes):
             if episode is not None:
@@ -298,10 +281,9 @@ class TrainingRun:
         self.bar.update(1)
 
     def maybe_evaluate(self, step: int, act, actor_params, now: bool = False) -> None:
-        """Every --eval-every steps (and when `now`), --eval-episodes episodes per seed with `act(actor_params, obs,
-        keys)` on the evaluation envs (with --capture-video the first one recorded): `eval/episodic_return`, and
-        `eval/success_rate` where the env reports success. Seeded by the step alone, so a resumed run evaluates
-        exactly as an uninterrupted one; its time counts in neither SPS_window nor learn_sps."""
+        """Every --eval-every steps (and when `now`): --eval-episodes episodes per seed of `act(actor_params, obs,
+        keys)`, logged as eval/episodic_return (and eval/success_rate). Seeded by the step alone, so a resumed run
+        evaluates as an uninterrupted one; its time counts in neither SPS_window nor learn_sps."""
         args, seeds = self.args, self.seeds
         if (step % args.eval_every and not now) or args.eval_episodes <= 0:
             return
@@ -323,8 +305,7 @@ class TrainingRun:
             self.learn_start += eval_time
 
     def maybe_checkpoint(self, step: int, agent, k_act, buf, obs) -> bool:
-        """Write a checkpoint every --checkpoint-every steps, at the last step, and when a signal came; True
-        when a signal asks the loop to stop (after its checkpoint)."""
+        """Checkpoint every --checkpoint-every steps, at the last step and on a signal; True: stop the loop."""
         args, signal = self.args, self._stop.signal
         periodic = args.checkpoint_every and (step % args.checkpoint_every == 0 or step == self.last_step)
         if periodic or signal:
@@ -344,9 +325,8 @@ class TrainingRun:
     # ---- the end -------------------------------------------------------------------------------
 
     def finish(self, agent, update, model_config, model_params: dict) -> dict:
-        """After the loop: with --save-model (and not stopped) write each seed's `model_params` (seed-stacked)
-        with the arguments named in `model_config` to its log folder; print the summary line and return it
-        as a dict (`update` is the jitted update, or a tuple of them, asked how often they compiled)."""
+        """After the loop: --save-model writes each seed's `model_params` with the `model_config` arguments to its
+        log folder; prints the summary and returns it (`update`: the jitted update(s), asked how often they compiled)."""
         args, seeds, S = self.args, self.seeds, len(self.seeds)
         jax.block_until_ready(agent)
         end = time.time()
@@ -386,10 +366,8 @@ def prepare_resume(args, algo: str, model_config, check_args, renamed: dict | No
 
 
 def eval_only(args, algo: str, model_config, load_actor) -> None:
-    """--eval-only: adopt the settings of --checkpoint named in `model_config`, rebuild its actor with
-    `load_actor(args, obs_dim, act_dim, raw) -> (params, act)` (raw: load_model's parameter dict; act: a
-    one-seed evaluation action of make_act), evaluate it for --eval-episodes and print the mean return
-    (with --capture-video, every episode to the checkpoint's run folder, videos/)."""
+    """--eval-only: adopt --checkpoint's `model_config` settings, rebuild its actor with `load_actor(args, obs_dim,
+    act_dim, raw) -> (params, act)` (raw: load_model's parameters), evaluate it and print the mean return."""
     config, raw = load_model(args.checkpoint, algo, model_config, args.seed)
     adopt_saved_args(args, config, type(args)(), model_config, "--checkpoint")
     check_env_id(args.env_id)
@@ -412,9 +390,8 @@ def eval_only(args, algo: str, model_config, load_actor) -> None:
 
 
 class ExitStatus:
-    """`with ExitStatus(__file__) as status:` around a script's work, then `return status.code`. Bad input
-    (ConfigError) is one line on stderr and status 2; a diverged run or a checkpoint or log that could not
-    be written (Diverged, OSError) one line and status 1; a second Ctrl-C (the first stops cleanly) 130.
+    """`with ExitStatus(__file__) as status:` around a script's work. Bad input (ConfigError): one line on stderr,
+    status 2; a diverged run or an unwritable file (Diverged, OSError): one line, 1; a second Ctrl-C: 130.
     Anything else is a bug and keeps its traceback."""
 
     def __init__(self, script: str):
