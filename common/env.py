@@ -198,7 +198,7 @@ def env_step(env: gym.Env, obs: np.ndarray, action: np.ndarray):
 
 
 def success_of(info: dict) -> float | None:
-    """An episode's success at its last step (OGBench's info["success"], MyoSuite's "solved") as 1.0 or 0.0, else None."""
+    """An episode's success at its last step (OGBench's info["success"], MyoSuite's "solved"): 1.0, 0.0 or None."""
     for key in ("success", "solved"):
         if key in info:
             return float(info[key])

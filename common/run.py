@@ -326,7 +326,7 @@ class TrainingRun:
 
     def finish(self, agent, update, model_config, model_params: dict) -> dict:
         """After the loop: --save-model writes each seed's `model_params` with the `model_config` arguments to its
-        log folder; prints the summary and returns it (`update`: the jitted update(s), asked how often they compiled)."""
+        log folder; prints the summary and returns it (`update`: the jitted update(s), for their compile count)."""
         args, seeds, S = self.args, self.seeds, len(self.seeds)
         jax.block_until_ready(agent)
         end = time.time()
