@@ -140,7 +140,7 @@ def machine() -> dict:
             "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
             "versions": versions, "commit": commit.stdout.strip() if commit and commit.returncode == 0 else "unknown",
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def phase0_commands(mode: dict, smoke: bool, work: str) -> dict[str, list[str]]:
@@ -283,7 +283,8 @@ def phase1_table(info: dict, rows: list[dict], smoke: bool) -> str:
     one = {key(r): r for r in rows if r["num_seeds"] == 1}
     lines = [f"Machine: {info['device']} ({info['platform']}), {info['cpu_count']} CPU cores ({info['processor']}), Python "
              f"{info['python']}, " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + f"; commit {info['commit']}, "
-             f"{info['date']}" + (" (--smoke: tiny networks, not the authors' sizes)" if smoke else "."),
+             f"{info['date']}" + (f"; XLA_FLAGS={info['xla_flags']}" if info.get("xla_flags") else "")
+             + (" (--smoke: tiny networks, not the authors' sizes)" if smoke else "."),
              "",
              "| script | task | seeds | update compile s | updates/s | loop env steps/s per seed | loop env steps/s, all seeds "
              "| step time vs 1 seed | env step ms | update share of a step | device busy share of an update | copies ms/update "
