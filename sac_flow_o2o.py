@@ -1,29 +1,23 @@
-"""SAC Flow offline-to-online: pretrain a flow policy on demonstrations, then fine-tune it online with SAC
-kept near the data, in one JAX/Flax file (the paper's second pipeline, for sparse-reward manipulation).
+"""SAC Flow offline-to-online: pretrain a flow policy on demonstrations, then fine-tune it online with SAC kept near
+the data, in one JAX/Flax file (the paper's second pipeline, for sparse-reward manipulation).
 
-The actor is a K-step flow rollout over a whole action chunk of H actions, x_{k+1} = x_k + dt v(s, x_k, t_k)
-+ noise, chunk = tanh(x_K), with Flow-G's gated velocity or Flow-T's decoded velocity (--velocity). The
-chunk is executed open-loop; the critics score (s_t, a_{t:t+H}) by H-step returns (QC-FQL's layout).
+The actor is a K-step noisy flow rollout to a chunk of H actions, tanh(x_K), with Flow-G's gated or Flow-T's decoded
+velocity (--velocity), played open-loop; the critics score (s_t, a_{t:t+H}) by H-step returns (QC-FQL's layout).
 
 The run's steps are the --offline-steps gradient steps on the dataset, then the --total-timesteps online env steps
-(step offline_steps + j is env step j): logs, evaluations, checkpoints and --resume count them so, and
---num-seeds trains several agents at once (common/run.py, as the from-scratch scripts).
-
-Schedule (--schedule; the default is the authors' main_action_reg_three_phase.py):
-  three-phase  offline, each step on one batch: critics + Eq. 3, then critics + Eq. 12 + alpha with the
-               offline BC weight; online, each step: critics + Eq. 12 + alpha with the online BC weight
-  two-phase    the paper's: offline, critics + Eq. 3 only; online as above
+(step offline_steps + j is env step j); logs, evaluations, checkpoints and --resume count them so (common/run.py).
 
 | paper | what | where |
 |---|---|---|
-| Eq. 3 | flow matching: E ||v(s, x_t, t) - (x_1 - x_0)||^2, x_t = (1 - t) x_0 + t x_1 | flow_matching_loss, flow_matching_step |
-| Eq. 6 | Flow-G velocity v = sigmoid(g) * (c - x) | AuthorsGatedVelocity; --architecture from-scratch: GatedVelocity |
-| Eq. 7-9 | Flow-T velocity: decoder blocks over one action-time token | DecodedVelocity (DecoderBlock, MultiHeadAttention) |
+| Eq. 3 | E ||v(s, x_t, t) - (x_1 - x_0)||^2, x_t = (1 - t) x_0 + t x_1 | flow_matching_loss, flow_matching_step |
+| Eq. 6 | Flow-G velocity v = sigmoid(g) * (h - x) | AuthorsGatedVelocity; --architecture from-scratch: GatedVelocity |
+| Eq. 7-9 | Flow-T: decoder blocks over one action-time token | DecodedVelocity (DecoderBlock, MultiHeadAttention) |
 | Eq. 13 | noise-augmented rollout, fixed noise sigma_k sqrt(dt) = --noise-std | flow_rollout, make_sampler |
-| Eq. 15 | path log-density log pi = log N(x_0) + sum_k log N(x_{k+1}; mean_k, std_k) - log|da/dx_K| | path_log_prob (gaussian_log_prob) |
+| Eq. 15 | path log-density log pi = log N(x_0) + sum_k log N(x_{k+1}; mean_k, std_k) - log|da/dx_K| | path_log_prob |
 | Eq. 12 | actor: beta ||a_pi - a_data||^2 + mean(alpha log pi - mean_i Q_i(s, a_pi)) | bc_loss, eq12_step |
-| H-step TD | y = sum_k gamma^k r_{t+k} + gamma^H (1 - done) (mean_i Q'_i(s_{t+H}, a') - alpha log pi(a'|s_{t+H})) | chunk_td_loss (chunks: sample_chunks) |
+| H-step TD | y = R_t + gamma^H (1 - done) (mean_i Q'_i(s', a') - alpha log pi(a'|s')) | sample_chunks, chunk_td_loss |
 | alpha | authors: alpha (mean log pi - target); Eq. 24: alpha (-mean log pi - target) | alpha_loss |
+| schedules | offline: Eq. 3 (three-phase: then Eq. 12 + alpha, same batch); online: Eq. 12 + alpha | make_updates |
 """
 
 from __future__ import annotations
@@ -52,34 +46,30 @@ from common.seeds import seed_map
 
 @dataclass
 class Args(RunArgs):
-    """SAC Flow offline-to-online (Flow-G or Flow-T velocity): pretrain on --dataset, then fine-tune online; its
-    hyperparameters after the run flags of common/args.py."""
+    """SAC Flow offline-to-online (Flow-G or Flow-T velocity): pretrain on --dataset, then fine-tune online."""
 
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     env_id: str = "cube-double-singletask-task2-v0"
     """the online env: an OGBench single-task id or a Gymnasium MuJoCo id whose sizes match the dataset"""
     total_timesteps: Annotated[int, tyro.conf.arg(aliases=("--online-steps",))] = 1_000_000
-    """online env steps, after the --offline-steps (one gradient step each from --learning-starts on; 0: pretraining
-    only)"""
+    """online env steps after --offline-steps, each a gradient step from --learning-starts on; 0: pretraining only"""
     eval_every: int = 100_000
     """evaluate every this many steps (offline steps count first), and at the end of the offline phase"""
     eval_episodes: int = 50
     """episodes per evaluation (sampled with --act-noise-std, as acting); 0: no evaluation"""
     dataset: Optional[str] = None
-    """demonstrations (required to train): an OGBench .npz or a Robomimic low-dim .hdf5 (benchmarks/make_dataset.py
-    writes both)"""
+    """demonstrations, required to train: OGBench .npz or Robomimic low-dim .hdf5 (benchmarks/make_dataset.py)"""
     dataset_obs_keys: Optional[tuple[str, ...]] = None
     """Robomimic obs keys concatenated into the observation (default: its low-dim keys, else every key of the file)"""
     schedule: Literal["three-phase", "two-phase"] = "three-phase"
     """three-phase (the authors' main_action_reg_three_phase.py): each offline step runs critics + flow matching, then
-    critics + the Eq. 12 actor loss + alpha on the same batch; two-phase (the paper): offline, critics + flow matching only"""
+    critics + Eq. 12 actor + alpha on the same batch; two-phase (the paper's): offline, critics + flow matching only"""
     offline_steps: int = 1_000_000
     """gradient steps on the dataset alone"""
     learning_starts: int = 5000
-    """online env steps before the first online gradient step (the buffer already holds the dataset; the authors'
-    start_training, whose first update comes one step earlier)"""
+    """env steps before the first online update (the authors' start_training, whose first update is a step earlier)"""
     horizon: int = 5
-    """action chunk length H: the actor emits H actions, executed open-loop; the critics score chunks by H-step returns"""
+    """chunk length H: the actor emits H actions, played open-loop; the critics score chunks by H-step returns"""
     batch_size: int = 256
     """chunks per gradient step"""
     learning_rate: Annotated[float, tyro.conf.arg(aliases=("--lr",))] = 3e-4
@@ -97,11 +87,8 @@ class Args(RunArgs):
     velocity: Literal["gated", "decoded"] = "gated"
     """gated: Flow-G's v = z * (h - x); decoded: Flow-T's decoder over one action-time token"""
     architecture: Literal["authors", "from-scratch"] = "authors"
-    """authors: their offline-to-online actors' networks (Flow-G: candidate h a 4-layer GELU MLP of --hidden-dim units,
-    Xavier-uniform, on [s, x, t] with the raw time, gate of --gate-dim swish units; Flow-T: post-LayerNorm decoder
-    blocks, x <- LN(x + f(x)), no final LayerNorm); from-scratch: sac_flow_g.py's and sac_flow_t.py's modules (Flow-G:
-    one swish layer each for gate and candidate, --hidden-dim wide, on a --time-emb-dim sinusoidal time embedding;
-    Flow-T: pre-LayerNorm blocks and a final LayerNorm), without their batch renormalisation"""
+    """authors: their offline-to-online actors (Flow-G: a 4-layer GELU candidate on [s, x, raw t]; Flow-T: post-norm
+    blocks); from-scratch: sac_flow_g.py's and sac_flow_t.py's modules, without their batch renormalisation"""
     hidden_dim: int = 512
     """Flow-G: width of the candidate's hidden layers (from-scratch: and of the gate's)"""
     gate_dim: int = 256
@@ -109,8 +96,7 @@ class Args(RunArgs):
     time_emb_dim: int = 32
     """Flow-G with --architecture from-scratch: size of the sinusoidal time embedding (half as many frequencies)"""
     d_model: int = 128
-    """Flow-T: width of the action-time and state tokens (the authors' offline-to-online 128; from scratch they use
-    96)"""
+    """Flow-T: width of the action-time and state tokens (the authors' offline-to-online 128; from scratch, 96)"""
     n_heads: int = 4
     """Flow-T: attention heads (must divide --d-model)"""
     n_layers: int = 2
@@ -118,18 +104,16 @@ class Args(RunArgs):
     flow_steps: int = 4
     """rollout steps K, for training, acting and evaluation"""
     drift: Literal["plain", "marginal"] = "plain"
-    """drift of the noisy rollout: plain b = v (the authors'), or marginal, which keeps the noiseless flow's final law"""
+    """the rollout's drift: plain b = v (the authors'), or marginal, which keeps the noiseless flow's final law"""
     noise_std: float = 0.05
-    """std of each rollout step's fixed Gaussian noise in the Eq. 12 actor loss (the authors' code, both agents; the
-    paper's table: 0.10)"""
+    """std of each rollout step's fixed noise in the Eq. 12 actor loss (the authors' code; the paper's table: 0.10)"""
     act_noise_std: float = 0.02
     """that std when acting, evaluating and sampling the critic target's next chunk (the authors' inference noise)"""
     flow_target: Literal["action", "atanh"] = "action"
     """x_1 of Eq. 3, matched by the pre-tanh rollout output: the data action itself (the authors'), or its atanh"""
     bc_weight: Optional[float] = None
-    """beta of Eq. 12 in both phases (offline only with three-phase) unless --online-bc-weight; unset: the paper's Table 4
-    for the task family (300 cube-double and scene, 100 cube-triple and cube-quadruple, Robomimic lift/can/square 10000
-    offline and 1000 online), else 100 with a printed note"""
+    """beta of Eq. 12 (offline: three-phase only; online unless --online-bc-weight); unset: the paper's Table 4 (300
+    cube-double and scene, 100 cube-triple and cube-quadruple, Robomimic 10000 offline and 1000 online), else 100"""
     online_bc_weight: Optional[float] = None
     """beta of Eq. 12 in the online phase (the authors reset it there, their --online_alpha); unset: as above"""
     alpha: float = 0.2
@@ -142,31 +126,27 @@ class Args(RunArgs):
     """authors: alpha (mean log pi - target), their code's sign, which lowers alpha while log pi is above the target
     (always, with fixed noise); sac: alpha (-mean log pi - target) (Eq. 24), which then raises alpha without bound"""
     sparse: bool = False
-    """make the rewards sparse, dataset and online, as the authors' --sparse does for the paper's scene-sparse rows:
-    -1 wherever the (shifted) reward is not 0, else 0; refused for a dataset with positive rewards"""
+    """sparse rewards, dataset and online: -1 where the (shifted) reward is not 0, else 0 (the authors' --sparse)"""
     buffer_size: int = 2_000_000
-    """replay buffer rows: a ring of max(--buffer-size, dataset + 1) rows holding the dataset first, whose oldest rows
-    (the dataset's, on long runs over large datasets) online transitions overwrite once it is full (the authors')"""
+    """a ring of max(--buffer-size, dataset + 1) rows, the dataset first; once full, new rows overwrite the oldest"""
     robomimic_reward_shift: bool = True
-    """for a Robomimic task (its env id, or an .hdf5 recorded in robosuite), subtract 1 from every reward, dataset
-    and online, as the authors' main.py does ((0, 1) -> (-1, 0)); --no-robomimic-reward-shift keeps them"""
+    """subtract 1 from a Robomimic task's rewards, dataset and online ((0, 1) -> (-1, 0)), as the authors' main.py"""
 
 
-# The paper's Table 4 (Flow-G and Flow-T columns): beta of Eq. 12 per task family, (offline, online). Robomimic's
-# "10000/1000" is read as 10000 offline and 1000 online: the authors' three-phase script resets the weight for
-# the online phase (main_action_reg_three_phase.py line 235) and the paper's A.6 says to start large and anneal.
+# The paper's Table 4 (Flow-G and Flow-T): beta of Eq. 12 per task family, (offline, online); Robomimic's "10000/1000"
+# as 10000 then 1000, because the authors' three-phase script resets it online (line 235) and A.6 says to anneal.
 BC_WEIGHTS = {"cube-double": (300.0, 300.0), "scene": (300.0, 300.0), "cube-triple": (100.0, 100.0),
               "cube-quadruple": (100.0, 100.0), "lift": (10000.0, 1000.0), "can": (10000.0, 1000.0),
               "square": (10000.0, 1000.0)}
 FALLBACK_BC_WEIGHT = 100.0  # the authors' default --agent.alpha and --online_alpha
+OGBENCH_FAMILIES = ("cube-double", "cube-triple", "cube-quadruple", "scene")
 
 
 def task_family(env_id: str, robomimic: Optional[str] = None) -> Optional[str]:
     """The row of BC_WEIGHTS for a run: its Robomimic task, else the OGBench family of its env id."""
     if robomimic is not None:
         return robomimic
-    name = env_id.removeprefix("visual-")
-    return next((f for f in ("cube-double", "cube-triple", "cube-quadruple", "scene") if name.startswith(f + "-")), None)
+    return next((f for f in OGBENCH_FAMILIES if env_id.removeprefix("visual-").startswith(f + "-")), None)
 
 
 def bc_weights(args: Args, family: Optional[str]) -> tuple[float, float, str]:
@@ -185,7 +165,8 @@ def bc_weights(args: Args, family: Optional[str]) -> tuple[float, float, str]:
 def check_args(args: Args) -> None:
     """Refuse impossible settings with one line, before anything is built."""
     if args.dataset is None and not (args.resume or args.eval_only):
-        raise ConfigError("--dataset is required: an OGBench .npz or a Robomimic .hdf5 (benchmarks/make_dataset.py makes one)")
+        raise ConfigError("--dataset is required: an OGBench .npz or a Robomimic .hdf5 "
+                          "(benchmarks/make_dataset.py makes one)")
     check_ranges(args, positive=["horizon", "buffer_size", "learning_rate", "n_critics", "critic_width", "critic_depth",
                                  "hidden_dim", "gate_dim", "d_model", "n_heads", "n_layers", "flow_steps", "noise_std",
                                  "act_noise_std", "alpha"],
@@ -193,42 +174,42 @@ def check_args(args: Args) -> None:
     if args.time_emb_dim < 4 or args.time_emb_dim % 2:
         raise ConfigError(f"--time-emb-dim must be an even number >= 4, got {args.time_emb_dim}")
     if args.d_model < 4 or args.d_model % args.n_heads:
-        raise ConfigError(f"--d-model must be at least 4 and a multiple of --n-heads {args.n_heads}, got {args.d_model}")
+        raise ConfigError(f"--d-model must be at least 4 and a multiple of --n-heads {args.n_heads}, "
+                          f"got {args.d_model}")
     if not 0.0 < args.tau <= 1.0:
         raise ConfigError(f"--tau must be in (0.0, 1.0], got {args.tau}")
     if ROBOMIMIC_ID.fullmatch(args.env_id):
-        raise ConfigError(f"--env-id {args.env_id!r} is a Robomimic task, whose simulator (robosuite) is not wired into this "
-                          "script; its .hdf5 runs with a Gymnasium or OGBench --env-id of the same sizes")
+        raise ConfigError(f"--env-id {args.env_id!r} is a Robomimic task, whose simulator (robosuite) is not wired "
+                          "into this script; its .hdf5 runs with a Gymnasium or OGBench --env-id of the same sizes")
     check_run_args(args)  # the flags all scripts share, and the env id
 
 
 # --- Velocity networks: Flow-G (gated) and Flow-T (decoded), as in sac_flow_g.py / sac_flow_t.py ---
 
 
-def sinusoidal_embedding(t, dim: int):
-    """[sin(t w_i), cos(t w_i)] with dim/2 frequencies w_i from 1 down to 1/10000 (geometric)."""
-    half = dim // 2
-    freqs = jnp.exp(-jnp.log(10000.0) * jnp.arange(half) / (half - 1))
-    angles = t * freqs
-    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
-
-
 class TimeEmbedding(nn.Module):
-    """The authors' time features: sinusoidal(dim) -> Dense 2*dim -> swish -> Dense dim."""
+    """sin and cos of t at dim/2 geometric frequencies from 1 to 1/10000, then Dense 2*dim -> swish -> Dense dim."""
 
     dim: int
 
     @nn.compact
     def __call__(self, t):
-        return nn.Dense(self.dim)(nn.swish(nn.Dense(2 * self.dim)(sinusoidal_embedding(t, self.dim))))
+        half = self.dim // 2
+        angles = t * jnp.exp(-jnp.log(10000.0) * jnp.arange(half) / (half - 1))
+        features = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+        return nn.Dense(self.dim)(nn.swish(nn.Dense(2 * self.dim)(features)))
+
+
+def gate(u, width: int, out: int):
+    """Flow-G's gate sigmoid(g(u)), g one swish layer whose output starts at zero weights and bias 5: z = 0.993, so each
+    step starts near x + dt (h - x) and learns where to hold x back, bounding how much it can amplify the gradient."""
+    logit = nn.Dense(out, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.constant(5.0),
+                     name="gate_out")(nn.swish(nn.Dense(width, name="gate_hidden")(u)))
+    return nn.sigmoid(logit)
 
 
 class GatedVelocity(nn.Module):
-    """Flow-G (Eq. 6): z = sigmoid(g(u, t)), h = c(u, t), v = z * (h - x), u = [s, x].
-
-    The gate's last layer starts with zero weights and bias 5, so z = sigmoid(5) = 0.993 for every
-    input: each step starts close to the plain x + dt * (h - x) update, and the gate learns where to
-    hold x back, which bounds how much a step can amplify the gradient flowing through it."""
+    """Flow-G (Eq. 6) from scratch: v = z * (h - x), z and h one swish layer each on [s, x, TimeEmbedding(t)]."""
 
     act_dim: int
     hidden_dim: int
@@ -237,18 +218,14 @@ class GatedVelocity(nn.Module):
     @nn.compact
     def __call__(self, s, x, t):
         features = jnp.concatenate([s, x, TimeEmbedding(self.time_emb_dim)(t)], axis=-1)
-        gate_logit = nn.Dense(self.act_dim, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.constant(5.0),
-                              name="gate_out")(nn.swish(nn.Dense(self.hidden_dim, name="gate_hidden")(features)))
-        z = nn.sigmoid(gate_logit)
+        z = gate(features, self.hidden_dim, self.act_dim)
         self.sow("intermediates", "gate", z)
-        h = nn.Dense(self.act_dim, name="candidate_out")(nn.swish(nn.Dense(self.hidden_dim, name="candidate_hidden")(features)))
-        return z * (h - x)
+        h = nn.swish(nn.Dense(self.hidden_dim, name="candidate_hidden")(features))
+        return z * (nn.Dense(self.act_dim, name="candidate_out")(h) - x)
 
 
 class AuthorsGatedVelocity(nn.Module):
-    """Flow-G as the authors' offline-to-online actor has it (their ActorVectorFieldGRU), u = [s, x, t] with the raw
-    time: candidate h = a 4-layer GELU MLP (Xavier-uniform) of `hidden_dim` units, gate z = sigmoid(g(u)) with g one
-    swish layer of `gate_dim` units whose output layer starts at zero weights and bias 5; v = z * (h - x)."""
+    """The authors' o2o Flow-G (their ActorVectorFieldGRU): on [s, x, raw t], h a 4-layer GELU MLP (Xavier-uniform)."""
 
     act_dim: int
     hidden_dim: int
@@ -256,21 +233,16 @@ class AuthorsGatedVelocity(nn.Module):
 
     @nn.compact
     def __call__(self, s, x, t):
-        u = jnp.concatenate([s, x, t], axis=-1)
-        h = u
+        h = u = jnp.concatenate([s, x, t], axis=-1)
+        xavier = nn.initializers.xavier_uniform()
         for i in range(4):
-            h = nn.gelu(nn.Dense(self.hidden_dim, kernel_init=nn.initializers.xavier_uniform(), name=f"candidate_{i}")(h))
-        h = nn.Dense(self.act_dim, kernel_init=nn.initializers.xavier_uniform(), name="candidate_out")(h)
-        gate_logit = nn.Dense(self.act_dim, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.constant(5.0),
-                              name="gate_out")(nn.swish(nn.Dense(self.gate_dim, name="gate_hidden")(u)))
-        return nn.sigmoid(gate_logit) * (h - x)
+            h = nn.gelu(nn.Dense(self.hidden_dim, kernel_init=xavier, name=f"candidate_{i}")(h))
+        h = nn.Dense(self.act_dim, kernel_init=xavier, name="candidate_out")(h)
+        return gate(u, self.gate_dim, self.act_dim) * (h - x)
 
 
 class MultiHeadAttention(nn.Module):
-    """Scaled dot-product attention of `query` tokens (B, L, d) over `memory` tokens (B, M, d).
-
-    `mask` (L, M), True where attending is allowed. Returns the output (B, L, d) and the
-    attention weights (B, heads, L, M), the latter for inspection."""
+    """Scaled dot-product attention of `query` (B, L, d) over `memory` (B, M, d), where `mask` (L, M) allows."""
 
     d_model: int
     n_heads: int
@@ -285,15 +257,13 @@ class MultiHeadAttention(nn.Module):
         logits = jnp.einsum("blhd,bmhd->bhlm", q, k) / jnp.sqrt(head_dim)
         if mask is not None:
             logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-        weights = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bhlm,bmhd->blhd", weights, v).reshape(query.shape[:-1] + (self.d_model,))
-        return nn.Dense(self.d_model, name="out")(out), weights
+        out = jnp.einsum("bhlm,bmhd->blhd", jax.nn.softmax(logits, axis=-1), v)
+        return nn.Dense(self.d_model, name="out")(out.reshape(query.shape[:-1] + (self.d_model,)))
 
 
 class DecoderBlock(nn.Module):
-    """One decoder block (Eq. 8): self-attention under a diagonal mask (each token attends only to itself, no mixing
-    across rollout steps), cross-attention to the state, feed-forward (GELU); each sublayer pre-normalised,
-    x <- x + f(LN(x)) (the from-scratch scripts'), or with `post_norm` x <- LN(x + f(x)) (the authors' o2o actor)."""
+    """One decoder block (Eq. 8): self-attention under a diagonal mask (no mixing across rollout steps), cross-attention
+    to the state, GELU feed-forward; each x <- x + f(LN(x)) (from scratch), or x <- LN(x + f(x)) with `post_norm`."""
 
     d_model: int
     n_heads: int
@@ -303,8 +273,8 @@ class DecoderBlock(nn.Module):
     def __call__(self, tokens, state_tokens):
         diagonal = jnp.eye(tokens.shape[-2], dtype=bool)
         sublayers = {
-            "self": lambda y: MultiHeadAttention(self.d_model, self.n_heads, name="self_attention")(y, y, diagonal)[0],
-            "cross": lambda y: MultiHeadAttention(self.d_model, self.n_heads, name="cross_attention")(y, state_tokens)[0],
+            "self": lambda y: MultiHeadAttention(self.d_model, self.n_heads, name="self_attention")(y, y, diagonal),
+            "cross": lambda y: MultiHeadAttention(self.d_model, self.n_heads, name="cross_attention")(y, state_tokens),
             "ffn": lambda y: nn.Dense(self.d_model)(nn.gelu(nn.Dense(4 * self.d_model)(y))),
         }
         for name, sublayer in sublayers.items():
@@ -314,10 +284,9 @@ class DecoderBlock(nn.Module):
 
 
 class DecodedVelocity(nn.Module):
-    """Flow-T (Eq. 7-9): token = W_x x_k + time_mlp(t_k), state token = enc(s); n_layers decoder blocks refine
-    the token; a final LayerNorm (pre-norm blocks only) and a linear head give v. One token per rollout step: with
-    the diagonal mask its self-attention weight is exactly 1. The state token is computed once per rollout
-    (`encode_state`)."""
+    """Flow-T (Eq. 7-9): token = W_x x_k + time_mlp(t_k), state token = enc(s) (`encode_state`, once per rollout);
+    n_layers decoder blocks refine the token (one per rollout step, so with the diagonal mask its self-attention
+    weight is exactly 1); a final LayerNorm (pre-norm blocks only) and a linear head give v."""
 
     act_dim: int
     d_model: int
@@ -348,9 +317,7 @@ class DecodedVelocity(nn.Module):
 
 
 class ChunkVelocity(nn.Module):
-    """v(s, x_k, t_k) over a whole chunk (H * act_dim): Flow-G's gated or Flow-T's decoded velocity, as the authors'
-    offline-to-online actors have them or as the from-scratch scripts' modules (--architecture), without batch
-    renormalisation and without a log-std head (the noise is fixed)."""
+    """v(s, x_k, t_k) over a whole chunk (H * act_dim), per --velocity and --architecture (the noise is fixed)."""
 
     args: "Args"
     chunk_dim: int
@@ -358,69 +325,52 @@ class ChunkVelocity(nn.Module):
     @nn.compact
     def __call__(self, s, x, t):
         a, authors = self.args, self.args.architecture == "authors"
-        if a.velocity == "gated" and authors:
+        if a.velocity == "decoded":
+            decoded = DecodedVelocity(self.chunk_dim, a.d_model, a.n_heads, a.n_layers, post_norm=authors,
+                                      name="velocity")
+            return decoded(decoded.encode_state(s), x, t)
+        if authors:
             return AuthorsGatedVelocity(self.chunk_dim, a.hidden_dim, a.gate_dim, name="velocity")(s, x, t)
-        if a.velocity == "gated":
-            return GatedVelocity(self.chunk_dim, a.hidden_dim, a.time_emb_dim, name="velocity")(s, x, t)
-        velocity = DecodedVelocity(self.chunk_dim, a.d_model, a.n_heads, a.n_layers, post_norm=authors, name="velocity")
-        return velocity(velocity.encode_state(s), x, t)
+        return GatedVelocity(self.chunk_dim, a.hidden_dim, a.time_emb_dim, name="velocity")(s, x, t)
 
 
-def make_velocity(args: Args, chunk_dim: int) -> nn.Module:
-    return ChunkVelocity(args, chunk_dim)
+make_velocity = ChunkVelocity  # make_velocity(args, chunk_dim), as make_critics(args)
 
 
 # --- The noise-augmented rollout and its path log-density (Eq. 13-15) ---
 
 
-def plain_drift(v, x, t, sigma):
-    """The authors' step: b = v; the noise widens the final law beyond the deterministic flow's."""
-    return v
+# The drift b of a rollout step (Eq. 13-14). plain (the authors'): b = v, whose noise widens the final law beyond
+# the deterministic flow's. marginal: b = v + sigma^2 / 2 * score, with the straight-path score -(x - t v) / (1 - t),
+# so that in continuous time the noisy rollout ends in the deterministic flow's law (t < 1 on every step).
+DRIFTS = {"plain": lambda v, x, t, sigma: v,
+          "marginal": lambda v, x, t, sigma: (v * (1.0 + sigma**2 * t / (2.0 * (1.0 - t)))
+                                              - sigma**2 * x / (2.0 * (1.0 - t)))}
 
 
-def marginal_drift(v, x, t, sigma):
-    """b = v + sigma^2 / 2 * score, with the straight-path score -(x - t v) / (1 - t) (Eq. 13-14):
-    b = v (1 + sigma^2 t / (2 (1 - t))) - sigma^2 x / (2 (1 - t)). In continuous time the noisy
-    rollout then ends in the deterministic flow's law. t < 1 on every step, so 1 - t > 0."""
-    return v * (1.0 + sigma**2 * t / (2.0 * (1.0 - t))) - sigma**2 * x / (2.0 * (1.0 - t))
-
-
-DRIFTS = {"plain": plain_drift, "marginal": marginal_drift}
-
-
-def gaussian_log_prob(x, mean, std):
-    """log N(x; mean, diag(std^2)), summed over the last axis, with its -log std terms."""
-    z = (x - mean) / std
-    return jnp.sum(-0.5 * z**2 - jnp.log(std) - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1)
-
-
-def path_log_prob(xs, means, stds):
+def path_log_prob(xs, means, std):
     """Joint log-density of the path (x_0, ..., x_K) and the squashed chunk a = tanh(x_K) (Eq. 15):
-    log N(x_0; 0, I) + sum_k log N(x_{k+1}; x_k + dt b_k, std_k^2 I) - sum log(1 - tanh(x_K)^2 + 1e-6)."""
-    log_prob = gaussian_log_prob(xs[0], 0.0, 1.0)
-    for k in range(len(means)):
-        log_prob = log_prob + gaussian_log_prob(xs[k + 1], means[k], stds[k])
+    log N(x_0; 0, I) + sum_k log N(x_{k+1}; means_k, std^2 I) - sum log(1 - tanh(x_K)^2 + 1e-6)."""
+    # log N(x; m, diag(std^2)), summed over the last axis
+    log_n = lambda x, m, std: jnp.sum(-0.5 * ((x - m) / std) ** 2 - jnp.log(std) - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1)
+    log_prob = log_n(xs[0], 0.0, 1.0)
+    for x, mean in zip(xs[1:], means):
+        log_prob = log_prob + log_n(x, mean, std)
     return log_prob - jnp.sum(jnp.log(1.0 - jnp.tanh(xs[-1]) ** 2 + 1e-6), axis=-1)
 
 
 def flow_rollout(velocity, shape, key, steps: int, log_sigma, drift: str = "plain"):
-    """Sample a = tanh(x_K) in [-1, 1] by the noise-augmented rollout (Eq. 13) with a fixed noise level:
-    x_0 ~ N(0, I); x_{k+1} = x_k + dt b_k + sigma sqrt(dt) eps_k, t_k = k / K, b_k the drift of
-    v_k = velocity(x_k, t_k). Returns the chunk and its log pi (Eq. 15)."""
+    """a = tanh(x_K) and its log pi (Eq. 15) by the noise-augmented rollout (Eq. 13) with fixed noise: x_0 ~ N(0, I),
+    x_{k+1} = x_k + dt b_k + sigma sqrt(dt) eps_k, t_k = k / K, b_k the drift of velocity(x_k, t_k)."""
     keys = jax.random.split(key, steps + 1)
-    x = jax.random.normal(keys[0], shape)
-    dt = 1.0 / steps
-    sigma = jnp.exp(log_sigma)
+    dt, sigma = 1.0 / steps, jnp.exp(log_sigma)
     std = sigma * dt**0.5
-    xs, means = [], []
+    xs, means = [jax.random.normal(keys[0], shape)], []
     for k in range(steps):
-        xs.append(x)
-        t = k * dt
-        mean = x + dt * DRIFTS[drift](velocity(x, t), x, t, sigma)
-        x = mean + std * jax.random.normal(keys[k + 1], shape)
-        means.append(mean)
-    xs.append(x)
-    return jnp.tanh(x), path_log_prob(xs, means, [std] * steps)
+        x, t = xs[-1], k * dt
+        means.append(x + dt * DRIFTS[drift](velocity(x, t), x, t, sigma))
+        xs.append(means[-1] + std * jax.random.normal(keys[k + 1], shape))
+    return jnp.tanh(xs[-1]), path_log_prob(xs, means, std)
 
 
 def make_sampler(args: Args, velocity_apply, chunk_dim: int):
@@ -431,7 +381,8 @@ def make_sampler(args: Args, velocity_apply, chunk_dim: int):
     def sample(params, s, key, noise_std):
         shape = s.shape[:-1] + (chunk_dim,)
         velocity = lambda x, t: velocity_apply(params, s, x, jnp.full(x.shape[:-1] + (1,), t))
-        return flow_rollout(velocity, shape, key, args.flow_steps, jnp.full(shape, jnp.log(noise_std) + log_sqrt_k), args.drift)
+        log_sigma = jnp.full(shape, jnp.log(noise_std) + log_sqrt_k)
+        return flow_rollout(velocity, shape, key, args.flow_steps, log_sigma, args.drift)
 
     return sample
 
@@ -455,8 +406,8 @@ class ChunkQNetwork(nn.Module):
 
 def make_critics(args: Args) -> nn.Module:
     """`n_critics` chunk critics as one vmapped module; returns Q of shape (n_critics, batch)."""
-    ensemble = nn.vmap(ChunkQNetwork, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None, out_axes=0,
-                       axis_size=args.n_critics)
+    ensemble = nn.vmap(ChunkQNetwork, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None,
+                       out_axes=0, axis_size=args.n_critics)
     return ensemble(args.critic_width, args.critic_depth)
 
 
@@ -475,10 +426,11 @@ def create_agent(args: Args, obs_dim: int, act_dim: int, key) -> Agent:
     k_actor, k_critic, key = jax.random.split(key, 3)
     s, a, t = jnp.zeros((1, obs_dim)), jnp.zeros((1, chunk_dim)), jnp.zeros((1, 1))
     adam = optax.adam(args.learning_rate)
-    as_array = lambda ts: ts.replace(step=jnp.zeros((), jnp.int32))  # one compiled signature from the start
-    actor = as_array(TrainState.create(apply_fn=velocity.apply, params=velocity.init(k_actor, s, a, t), tx=adam))
-    critic = as_array(TrainState.create(apply_fn=critics.apply, params=critics.init(k_critic, s, a), tx=adam))
-    log_alpha = as_array(TrainState.create(apply_fn=None, params={"log_alpha": jnp.log(jnp.float32(args.alpha))}, tx=adam))
+    # The step counter an array from the start: one compiled signature.
+    state = lambda fn, p: TrainState.create(apply_fn=fn, params=p, tx=adam).replace(step=jnp.zeros((), jnp.int32))
+    actor = state(velocity.apply, velocity.init(k_actor, s, a, t))
+    critic = state(critics.apply, critics.init(k_critic, s, a))
+    log_alpha = state(None, {"log_alpha": jnp.log(jnp.float32(args.alpha))})
     return Agent(actor=actor, critic=critic, critic_target=jax.tree_util.tree_map(jnp.array, critic.params),
                  log_alpha=log_alpha, key=key)
 
@@ -487,9 +439,8 @@ def create_agent(args: Args, obs_dim: int, act_dim: int, key) -> Agent:
 
 
 class ChunkBuffer(NamedTuple):
-    """Transitions in order, with `ends` marking the last transition of each trajectory (episode end, time limit
-    or a dataset's trajectory cut), so that H consecutive rows read as one action chunk. A ring, the dataset
-    first: once full, the newest transition overwrites the oldest row (`pos`: where the next one goes)."""
+    """Transitions in order, `ends` marking each trajectory's last (episode end, time limit or a dataset's cut), so
+    that H consecutive rows read as one chunk; a ring, the dataset first (`pos`: where the next row goes)."""
 
     obs: jax.Array
     actions: jax.Array
@@ -514,11 +465,7 @@ class ChunkBatch(NamedTuple):
 def chunk_buffer(data: dict, capacity: int) -> ChunkBuffer:
     """A buffer of `capacity` rows holding the dataset `data` (numpy arrays, load_dataset's fields) first."""
     n = len(data["obs"])
-
-    def padded(x):
-        x = jnp.asarray(x, jnp.float32)
-        return jnp.zeros((capacity,) + x.shape[1:], jnp.float32).at[:n].set(x)
-
+    padded = lambda x: jnp.zeros((capacity,) + np.shape(x)[1:], jnp.float32).at[:n].set(jnp.asarray(x, jnp.float32))
     fields = (padded(data[k]) for k in ("obs", "actions", "rewards", "next_obs", "terminated", "ends"))
     return ChunkBuffer(*fields, pos=jnp.asarray(n % capacity, jnp.int32), size=jnp.asarray(n, jnp.int32))
 
@@ -531,13 +478,10 @@ def chunk_add(buf: ChunkBuffer, obs, action, reward, next_obs, terminated, end) 
 
 
 def sample_chunks(buf: ChunkBuffer, key, batch_size: int, horizon: int, gamma: float) -> ChunkBatch:
-    """Draw `batch_size` chunks of `horizon` consecutive rows, uniformly over their start in [0, size - horizon] (as
-    the authors' sampler: once the ring has wrapped, a chunk may run across the write position).
-
-    The chunk's return stops at the first termination or trajectory end; it bootstraps from s_{t+H}
-    with gamma^H only if it reached its last step without terminating. A chunk whose trajectory was
-    cut without terminating (a time limit, the end of a demonstration) before its last step has no
-    valid target: `critic_valid` is 0 for it."""
+    """`batch_size` chunks of `horizon` rows, starting uniformly in [0, size - horizon] (the authors' sampler: once
+    the ring has wrapped, a chunk may run across the write position). A chunk's return stops at the first termination
+    or trajectory end; it bootstraps from s_{t+H} only if it reached its last step without terminating, and if cut
+    short without terminating (a time limit, a demonstration's end) it has no valid target (`critic_valid` 0)."""
     start = jax.random.randint(key, (batch_size,), 0, buf.size - horizon + 1)
     idx = start[:, None] + jnp.arange(horizon)
     term, stop = buf.terminated[idx], jnp.maximum(buf.terminated[idx], buf.ends[idx])
@@ -554,8 +498,7 @@ def sample_chunks(buf: ChunkBuffer, key, batch_size: int, horizon: int, gamma: f
 
 
 def flow_matching_loss(v_pred, x0, x1, valid):
-    """Eq. 3 on chunks (B, H, act_dim): ||v(s, x_t, t) - (x_1 - x_0)||^2, `v_pred` evaluated at x_t =
-    (1 - t) x_0 + t x_1; actions past their trajectory's end (valid 0) count as zero in the mean."""
+    """Eq. 3 on chunks (B, H, act_dim), `v_pred` taken at x_t; actions past their trajectory's end add 0 to the mean."""
     return jnp.mean(valid[..., None] * (v_pred - (x1 - x0)) ** 2)
 
 
@@ -571,18 +514,15 @@ def alpha_loss(log_alpha, mean_log_pi, target_entropy: float, form: str):
 
 
 def make_steps(args: Args, act_dim: int):
-    """The two gradient steps on a batch of chunks `b` (a ChunkBatch):
-    flow_matching_step(agent, b, key) and eq12_step(agent, b, key, bc_weight). Each computes every
-    gradient from the parameters before the step, as the authors' one combined loss does (so the actor's
-    Q is the critic from before its TD step), then applies them and moves the target critics toward the
-    critics before the step (their target_update reads the agent it was called on)."""
+    """flow_matching_step(agent, b, key) and eq12_step(agent, b, key, bc_weight) on a ChunkBatch `b`. Like the
+    authors' one combined loss, each takes every gradient at the parameters before the step (the actor's Q is the
+    critic before its TD step, and the target critics move toward it, as their target_update does)."""
     B, chunk_dim = args.batch_size, args.horizon * act_dim
     velocity_apply, critic_apply = make_velocity(args, chunk_dim).apply, make_critics(args).apply
     sample = make_sampler(args, velocity_apply, chunk_dim)
 
     def chunk_td_loss(critic_params, agent: Agent, b, key):
-        """H-step TD: y = R_t + gamma^H (1 - done) (mean_i Q'_i(s_{t+H}, a') - alpha log pi(a'|s_{t+H})), a' sampled
-        with --act-noise-std (the authors'); chunks cut short by a time limit (critic_valid 0) are left out."""
+        """H-step TD, a' sampled with --act-noise-std (the authors'); chunks with critic_valid 0 are left out."""
         alpha = jnp.exp(agent.log_alpha.params["log_alpha"])
         next_a, next_log_pi = sample(agent.actor.params, b.next_obs, key, args.act_noise_std)
         q_next = jnp.mean(critic_apply(agent.critic_target, b.next_obs, next_a), axis=0)
@@ -590,13 +530,15 @@ def make_steps(args: Args, act_dim: int):
         q = critic_apply(critic_params, b.obs, b.actions.reshape(B, chunk_dim))
         return jnp.mean(b.critic_valid * (q - y) ** 2), q
 
-    def apply(agent: Agent, critic_grads, **updates) -> Agent:  # the target moves toward the critic before the step
+    td_grad = jax.value_and_grad(chunk_td_loss, has_aux=True)
+
+    def apply(agent: Agent, critic_grads, **updates) -> Agent:
         target = optax.incremental_update(agent.critic.params, agent.critic_target, args.tau)
         return agent.replace(critic=agent.critic.apply_gradients(grads=critic_grads), critic_target=target, **updates)
 
     def flow_matching_step(agent: Agent, b, key):
         k_next, k_x0, k_t = jax.random.split(key, 3)
-        (qf_loss, q), critic_grads = jax.value_and_grad(chunk_td_loss, has_aux=True)(agent.critic.params, agent, b, k_next)
+        (qf_loss, q), critic_grads = td_grad(agent.critic.params, agent, b, k_next)
         x1 = b.actions if args.flow_target == "action" else jnp.arctanh(jnp.clip(b.actions, -0.999, 0.999))
         x0 = jax.random.normal(k_x0, x1.shape)
         t = jax.random.uniform(k_t, (B, 1))
@@ -608,7 +550,7 @@ def make_steps(args: Args, act_dim: int):
 
     def eq12_step(agent: Agent, b, key, bc_weight):
         k_next, k_pi = jax.random.split(key)
-        (qf_loss, q), critic_grads = jax.value_and_grad(chunk_td_loss, has_aux=True)(agent.critic.params, agent, b, k_next)
+        (qf_loss, q), critic_grads = td_grad(agent.critic.params, agent, b, k_next)
         alpha = jnp.exp(agent.log_alpha.params["log_alpha"])
 
         def actor_loss(params):  # Eq. 12, a = pi(s) reparameterised through the noisy rollout
@@ -618,20 +560,20 @@ def make_steps(args: Args, act_dim: int):
             return bc_weight * bc + jnp.mean(alpha * log_pi - q_pi), (bc, jnp.mean(log_pi), jnp.mean(q_pi))
 
         (loss, (bc, mean_log_pi, q_pi)), actor_grads = jax.value_and_grad(actor_loss, has_aux=True)(agent.actor.params)
-        temp_loss, alpha_grads = jax.value_and_grad(
-            lambda p: alpha_loss(p["log_alpha"], mean_log_pi, args.target_entropy, args.alpha_loss))(agent.log_alpha.params)
+        temperature = lambda p: alpha_loss(p["log_alpha"], mean_log_pi, args.target_entropy, args.alpha_loss)
+        temp_loss, alpha_grads = jax.value_and_grad(temperature)(agent.log_alpha.params)
         log_alpha = agent.log_alpha.apply_gradients(grads=alpha_grads) if args.autotune else agent.log_alpha
         agent = apply(agent, critic_grads, actor=agent.actor.apply_gradients(grads=actor_grads), log_alpha=log_alpha)
         return agent, {"qf_loss": qf_loss, "qf_values": jnp.mean(q), "actor_loss": loss, "bc_loss": bc, "q_pi": q_pi,
-                       "entropy": -mean_log_pi, "alpha": jnp.exp(log_alpha.params["log_alpha"]), "alpha_loss": temp_loss}
+                       "entropy": -mean_log_pi, "alpha": jnp.exp(log_alpha.params["log_alpha"]),
+                       "alpha_loss": temp_loss}
 
     return flow_matching_step, eq12_step
 
 
 def make_updates(args: Args, act_dim: int, offline_bc: float, online_bc: float, sharding=None):
-    """The jitted offline and online updates of every seed, each drawing its batch of chunks from the device
-    buffer (the agent donated). offline: flow_matching_step, then with --schedule three-phase eq12_step on the
-    same batch (key split: key, batch, flow matching, Eq. 12); online: eq12_step (key split: key, batch, Eq. 12)."""
+    """The jitted offline and online updates of every seed (the agent donated), each on a batch of chunks from the
+    device buffer. offline: flow_matching_step, then with three-phase eq12_step on the same batch; online: eq12_step."""
     flow_matching_step, eq12_step = make_steps(args, act_dim)
     with_flags = lambda info: {**info, "finite": finite_flags(info)}  # one flag per metric, for the divergence check
 
@@ -660,8 +602,7 @@ def make_updates(args: Args, act_dim: int, offline_bc: float, online_bc: float, 
 
 
 def make_act(args: Args, velocity_apply, act_dim: int, num_seeds: int):
-    """Jitted (params, obs, key) -> (each seed's next chunk of H actions, key), all stacked over seeds, sampled
-    with --act-noise-std; the chunk is played open-loop (common/env.py's next_actions)."""
+    """Jitted, seed-stacked (params, obs, key) -> (next chunk of H actions, key) with --act-noise-std (next_actions)."""
     sample = make_sampler(args, velocity_apply, args.horizon * act_dim)
 
     def act(params, obs, key):
@@ -672,43 +613,43 @@ def make_act(args: Args, velocity_apply, act_dim: int, num_seeds: int):
 
 
 def relabel(rewards, shift: float, sparse: bool):
-    """Rewards as the authors' script trains on them: shifted by `shift`, then with --sparse -1 wherever that is not 0."""
+    """Rewards as the authors' script trains on them: shifted by `shift`, then with --sparse -1 where not 0."""
     rewards = rewards + np.float32(shift)
     return -(rewards != 0).astype(np.float32) if sparse else rewards
 
 
 def prepare_data(args: Args) -> tuple[dict, Optional[str], float]:
-    """The dataset's transitions, the run's Robomimic task (None when it is not one) and the shift added to every
-    reward, dataset and online: -1 for Robomimic (the authors' (0, 1) -> (-1, 0)) unless --no-robomimic-reward-shift;
-    --sparse then relabels them (relabel)."""
+    """The dataset's transitions (rewards relabelled), the run's Robomimic task or None, and the reward shift: -1 for
+    Robomimic (the authors' (0, 1) -> (-1, 0)) unless --no-robomimic-reward-shift."""
     data = load_dataset(args.dataset, args.env_id, args.dataset_obs_keys)
-    if len(data["obs"]) < args.horizon:
-        raise ConfigError(f"--dataset holds {len(data['obs'])} transitions, fewer than one chunk of --horizon {args.horizon}")
+    if (n := len(data["obs"])) < args.horizon:
+        raise ConfigError(f"--dataset holds {n} transitions, fewer than one chunk of --horizon {args.horizon}")
     robomimic = robomimic_task(args.env_id, args.dataset)
     shift = -1.0 if robomimic is not None and args.robomimic_reward_shift else 0.0
-    if args.sparse and np.max(data["rewards"] + np.float32(shift)) > 0:
-        raise ConfigError(f"--sparse needs rewards <= 0 (OGBench's, or Robomimic's shifted); --dataset has rewards up to "
-                          f"{np.max(data['rewards'] + np.float32(shift)):g}")
+    if args.sparse and (top := np.max(data["rewards"] + np.float32(shift))) > 0:
+        raise ConfigError(f"--sparse needs rewards <= 0 (OGBench's, or Robomimic's shifted); --dataset has rewards "
+                          f"up to {top:g}")
     data["rewards"] = relabel(data["rewards"], shift, args.sparse)
     return data, robomimic, shift
 
 
 ALGO = "sac_flow_o2o"
+# What --eval-only needs to rebuild the actor and act as it did.
 MODEL_CONFIG = ("env_id", "velocity", "architecture", "hidden_dim", "gate_dim", "time_emb_dim", "d_model", "n_heads",
-                "n_layers", "flow_steps", "horizon", "drift", "act_noise_std")  # what --eval-only needs to rebuild the actor and act as it did
+                "n_layers", "flow_steps", "horizon", "drift", "act_noise_std")
 
 
 def load_actor(args: Args, obs_dim: int, act_dim: int, raw: dict):
     """For --eval-only: a saved actor's parameters (refused if they do not fit) and its acting function."""
-    velocity, chunk_dim = make_velocity(args, args.horizon * act_dim), args.horizon * act_dim
-    template = velocity.init(jax.random.PRNGKey(0), jnp.zeros((1, obs_dim)), jnp.zeros((1, chunk_dim)), jnp.zeros((1, 1)))
+    chunk_dim = args.horizon * act_dim
+    velocity = make_velocity(args, chunk_dim)
+    template = velocity.init(jax.random.PRNGKey(0), *(jnp.zeros((1, n)) for n in (obs_dim, chunk_dim, 1)))
     return restore_tree(template, raw.get("actor"), args.checkpoint), make_act(args, velocity.apply, act_dim, 1)
 
 
 def train(args: Args, resume=None) -> dict:
-    """Train --num-seeds agents (or continue `resume` = (path, checkpoint) from prepare_resume): --offline-steps
-    updates on the dataset, then --total-timesteps env steps, acting in chunks. Returns a summary. Every array
-    (agent, acting state, buffer, observations) carries a leading seed axis."""
+    """Train --num-seeds agents (or continue `resume` from prepare_resume): --offline-steps updates on the dataset,
+    then --total-timesteps env steps acting in chunks; returns a summary. Every array has a leading seed axis."""
     data, robomimic, shift = prepare_data(args)
     offline_bc, online_bc, bc_source = bc_weights(args, task_family(args.env_id, robomimic))
     n_data, H = len(data["obs"]), args.horizon
@@ -736,7 +677,8 @@ def train(args: Args, resume=None) -> dict:
                 (o, a, r, next_o, terminated), obs, episodes = run.envs.step(obs, actions)
                 ended = np.array([episode is not None for episode in episodes])
                 left[ended] = 0  # a new episode starts with a new chunk
-                buf = run.buffer_add(buf, o, a, relabel(r, shift, args.sparse), next_o, terminated, ended.astype(np.float32))
+                r = relabel(r, shift, args.sparse)
+                buf = run.buffer_add(buf, o, a, r, next_o, terminated, ended.astype(np.float32))
                 if run.learns(step):
                     agent, info = online_update(agent, buf)
                     run.check_update(step, info)

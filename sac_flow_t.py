@@ -1,17 +1,15 @@
 """SAC Flow-T: SAC on a K-step flow policy with a Transformer-decoded velocity, in one JAX/Flax file.
 
-The actor is a flow rollout x_{k+1} = x_k + dt v(s, x_k, t_k) + std_k eps_k, a = tanh(x_K). Seen as a
-sequence model this is a residual RNN in k, whose gradients explode or vanish; Flow-T computes the
-velocity with a small Transformer decoder: one action-time token (x_k and t_k) is refined by blocks
-of self-attention (diagonal mask: the token sees only itself, so the flow stays Markov),
-cross-attention to a state token, and a feed-forward layer. The noise on every step makes the path
-density tractable: SAC's log pi. Defaults are the authors' code (batch renormalisation of s, of x_k
-and after each sublayer; noise sigma dt on the velocity; sigma from the decoder output; log pi in the
-env's action units); flags give the other choices.
+The actor is a flow rollout x_{k+1} = x_k + dt v(s, x_k, t_k) + std_k eps_k, a = tanh(x_K): a residual RNN in k,
+whose gradients explode or vanish. Flow-T decodes the velocity with a small Transformer: one action-time token
+(x_k, t_k) is refined by blocks of self-attention (diagonal mask: the token sees only itself, so the flow stays
+Markov), cross-attention to a state token and a feed-forward layer. The noise on every step makes the path density,
+SAC's log pi, tractable. Defaults are the authors' code (batch renormalisation of s, of x_k and after each sublayer;
+noise sigma dt on the velocity; sigma from the decoder output; log pi in the env's action units); flags give the rest.
 
 | paper | what | here |
 |---|---|---|
-| Eq. 7-9 | action-time token, diagonal self-attention, cross-attention to the state, FFN | DecodedVelocity, DecoderBlock, MultiHeadAttention |
+| Eq. 7-9 | x_k, t_k token; diagonal self-, cross-attention; FFN | DecodedVelocity, DecoderBlock, MultiHeadAttention |
 | Eq. 4, 13 | the K-step noise-augmented rollout | flow_rollout, step_std, FlowPolicy |
 | Eq. 13-14 | plain drift b = v, or the marginal-preserving drift | plain_drift, marginal_drift |
 | Eq. 15 | path log-density with every -log std term and the tanh Jacobian | path_log_prob, tanh_log_det |
@@ -19,7 +17,7 @@ env's action units); flags give the other choices.
 | Eq. 22 | actor: mean(alpha log pi - min Q(s, pi(s))) | actor_loss, update_actor |
 | Eq. 24 | temperature on log alpha toward --target-entropy | alpha_loss_fn in update_actor |
 | SAC's schedule | critics every step, actor and alpha every --policy-delay, one jitted call | make_update |
-| CrossQ | batch-renormalised critics, joint (s, a) / (s', a') pass, no target net | BatchRenorm, NormedDense, CriticEnsemble |
+| CrossQ | batch-renorm critics, one (s, a) / (s', a') pass, no target net | BatchRenorm, NormedDense, CriticEnsemble |
 """
 
 from __future__ import annotations
@@ -79,22 +77,18 @@ class Args(RunArgs):
     flow_steps: int = 4
     """rollout steps K, for training, acting and evaluation"""
     drift: Literal["plain", "marginal"] = "plain"
-    """drift of the noisy rollout: plain b = v (the authors'), or marginal, which keeps the deterministic flow's final law
-    (needs --step-noise sqrt-dt)"""
+    """plain b = v (the authors'), or marginal: keeps the deterministic flow's final law (needs --step-noise sqrt-dt)"""
     step_noise: Literal["sigma-dt", "sqrt-dt"] = "sigma-dt"
-    """std of each rollout step's noise: sigma-dt, noise on the velocity, x_{k+1} = x_k + dt (v + sigma eps) (the
-    authors' code); sqrt-dt, sigma sqrt(dt) (Euler-Maruyama, which the marginal drift assumes)"""
+    """sigma-dt: x_{k+1} = x_k + dt (v + sigma eps) (the authors'); sqrt-dt: std sigma sqrt(dt) (Euler-Maruyama)"""
     log_density: Literal["authors", "complete"] = "authors"
-    """log pi of the rollout path: authors, log N(x_0) + sum_k log N(eps_k; 0, I) - log|da/dx_K|, their code's, which drops
-    every -log(sigma_k dt) term (so the entropy term gives sigma no gradient; their --target-entropy 0 was tuned with it);
-    complete, log N(x_{k+1}; mean_k, std_k) with those terms (Eq. 15), which needs its own --target-entropy"""
+    """log pi: authors, their code's log N(x_0) + sum_k log N(eps_k) - log|da/dx_K|, without -log(sigma_k dt) terms (so
+    entropy gives sigma no gradient; --target-entropy 0 was tuned for it); complete, Eq. 15 (retune --target-entropy)"""
     log_std_input: Literal["decoder", "obs-time"] = "decoder"
     """what gives log sigma: decoder, a linear head on the decoder output, which depends on (s, x_k, t_k) (the authors'
     code); obs-time, an MLP on (s, t_k) of --log-std-hidden units (the marginal drift needs sigma independent of x)"""
     actor_batch_norm: bool = True
-    """batch renormalisation in the actor (the authors' code): of the observation, of x_k, and after each decoder
-    sublayer (post-norm); batch statistics in the actor loss, running statistics when acting and in the critic target.
-    Without it: pre-norm LayerNorm blocks"""
+    """batch renormalisation in the actor (the authors'): of s, of x_k, after each decoder sublayer (post-norm); batch
+    statistics in the actor loss, running ones when acting and in the critic target; without it, pre-norm LayerNorm"""
     action_units: Literal["env", "unit"] = "env"
     """units of log pi: env, the env's own action bounds (the authors' tanh correction log(scale (1 - tanh^2)); it sets
     what --target-entropy means on tasks with bounds other than +-1, e.g. Humanoid's +-0.4); unit, actions in [-1, 1]"""
@@ -137,11 +131,12 @@ class Args(RunArgs):
 
 def check_args(args: Args) -> None:
     """Refuse impossible settings with one line, before anything is built or compiled."""
-    check_ranges(args, positive=["policy_lr", "q_lr", "alpha_lr", "alpha", "flow_steps", "d_model", "n_heads", "n_layers",
-                                 "log_std_hidden", "n_critics", "critic_width", "policy_delay", "bn_eps"],
+    check_ranges(args, positive=["policy_lr", "q_lr", "alpha_lr", "alpha", "flow_steps", "d_model", "n_heads",
+                                 "n_layers", "log_std_hidden", "n_critics", "critic_width", "policy_delay", "bn_eps"],
                  nonnegative=["renorm_warmup"], fraction=["adam_b1", "bn_momentum"], unit=["gamma"])
     if args.d_model < 4:
-        raise ConfigError(f"--d-model must be at least 4 (the time and state encoders use d_model / 4), got {args.d_model}")
+        raise ConfigError("--d-model must be at least 4 (the time and state encoders use d_model / 4), "
+                          f"got {args.d_model}")
     if args.d_model % args.n_heads:
         raise ConfigError(f"--d-model {args.d_model} is not divisible by --n-heads {args.n_heads}; "
                           "--d-model must be a multiple of --n-heads")
@@ -152,8 +147,8 @@ def check_args(args: Args) -> None:
     if not args.log_std_min < args.log_std_max:
         raise ConfigError(f"--log-std-min {args.log_std_min} must be below --log-std-max {args.log_std_max}")
     if args.drift == "marginal" and args.step_noise != "sqrt-dt":
-        raise ConfigError(f"--drift marginal needs --step-noise sqrt-dt (the Euler-Maruyama scaling it is derived for), "
-                          f"got --step-noise {args.step_noise}")
+        raise ConfigError("--drift marginal needs --step-noise sqrt-dt "
+                          f"(the Euler-Maruyama scaling it is derived for), got --step-noise {args.step_noise}")
     if args.drift == "marginal" and args.log_std_input == "decoder":
         raise ConfigError("--drift marginal needs a noise level independent of x_k: add --log-std-input obs-time "
                           "(--log-std-input decoder reads sigma from the decoder output, which depends on x_k)")
@@ -170,9 +165,8 @@ def batch_renorm(args, train: bool, **kw) -> BatchRenorm:
 
 class MultiHeadAttention(nn.Module):
     """Scaled dot-product attention of `query` (B, L, d) over `memory` (B, M, d), `mask` (L, M) True where allowed;
-    returns the output and the weights (B, heads, L, M). With one memory token (both of Flow-T's attentions) every
-    weight is exactly 1, so the output is out(value(memory)), to the same bits without the query and key projections
-    (created all the same, for the general parameter tree)."""
+    returns the output and the weights (B, heads, L, M). With one memory token (both of Flow-T's) every weight is 1:
+    the output is out(value(memory)) to the bit, without the query and key projections (created at init regardless)."""
 
     d_model: int
     n_heads: int
@@ -181,13 +175,12 @@ class MultiHeadAttention(nn.Module):
     def __call__(self, query, memory, mask=None):
         head_dim = self.d_model // self.n_heads
         split = lambda y: y.reshape(y.shape[:-1] + (self.n_heads, head_dim))
-        value, out = nn.Dense(self.d_model, name="value"), nn.Dense(self.d_model, name="out")
+        dense = lambda name: nn.Dense(self.d_model, name=name)
+        value, out = dense("value"), dense("out")
         if memory.shape[-2] == 1 and not self.is_initializing():
             weights = jnp.ones(query.shape[:-2] + (self.n_heads, query.shape[-2], 1), query.dtype)
             return jnp.broadcast_to(out(value(memory)), query.shape), weights
-        q = split(nn.Dense(self.d_model, name="query")(query))
-        k = split(nn.Dense(self.d_model, name="key")(memory))
-        v = split(value(memory))
+        q, k, v = split(dense("query")(query)), split(dense("key")(memory)), split(value(memory))
         logits = jnp.einsum("blhd,bmhd->bhlm", q, k) / jnp.sqrt(head_dim)
         if mask is not None:
             logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
@@ -198,9 +191,8 @@ class MultiHeadAttention(nn.Module):
 
 class DecoderBlock(nn.Module):
     """One decoder block (Eq. 8): self-attention under a diagonal mask (each token attends only to itself, no mixing
-    across rollout steps), cross-attention to the state, feed-forward (GELU). With `norm` (a batch-renorm factory: the
-    authors' actor) each sublayer is post-normalised, x <- BRN(x + f(x)); without it pre-normalised with LayerNorm,
-    x <- x + f(LN(x)), which keeps the residual path an identity."""
+    across rollout steps), cross-attention to the state, feed-forward (GELU). With `norm` (a batch-renorm factory, the
+    authors' actor) post-norm x <- BRN(x + f(x)); without it pre-norm x <- x + f(LN(x)), an identity residual path."""
 
     d_model: int
     n_heads: int
@@ -208,27 +200,23 @@ class DecoderBlock(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, state_tokens):
-        diagonal = jnp.eye(tokens.shape[-2], dtype=bool)
-        sublayers = {
-            "self": lambda y: MultiHeadAttention(self.d_model, self.n_heads, name="self_attention")(y, y, diagonal)[0],
-            "cross": lambda y: MultiHeadAttention(self.d_model, self.n_heads, name="cross_attention")(y, state_tokens)[0],
-            "ffn": lambda y: nn.Dense(self.d_model)(nn.gelu(nn.Dense(4 * self.d_model)(y))),
-        }
+        attention = functools.partial(MultiHeadAttention, self.d_model, self.n_heads)
+        sublayers = {"self": lambda y: attention(name="self_attention")(y, y, jnp.eye(y.shape[-2], dtype=bool))[0],
+                     "cross": lambda y: attention(name="cross_attention")(y, state_tokens)[0],
+                     "ffn": lambda y: nn.Dense(self.d_model)(nn.gelu(nn.Dense(4 * self.d_model)(y)))}
         for name, sublayer in sublayers.items():
-            if self.norm is None:
+            if self.norm is None:  # pre-norm
                 tokens = tokens + sublayer(nn.LayerNorm(name=f"norm_{name}")(tokens))
-            else:
+            else:  # post-norm
                 tokens = self.norm(name=f"norm_{name}")(tokens + sublayer(tokens))
         return tokens
 
 
 class DecodedVelocity(nn.Module):
     """Flow-T (Eq. 7-9): token = W_x x_k + time_mlp(t_k), state token = enc(s); n_layers decoder blocks refine the
-    token; a linear head gives v. One token per rollout step: with the diagonal mask its self-attention weight is 1.
-    With `norm` (the authors' actor) the observation is batch-renormalised before the state encoder, x_k by a layer
-    of its own at each of the `flow_steps` steps, and the blocks are post-normalised; without it, pre-norm LayerNorm
-    blocks and a final LayerNorm. The state token is computed once per rollout (`encode_state`); `__call__` returns
-    v and the decoder output."""
+    token, a linear head gives v. With `norm` (the authors' actor) s is batch-renormalised before the state encoder,
+    x_k by a layer of its own at each of the `flow_steps` steps, and the blocks post-norm; without it, pre-norm blocks
+    and a final LayerNorm. `encode_state`: the state token, once per rollout; `__call__`: v and the decoder output."""
 
     act_dim: int
     d_model: int
@@ -285,10 +273,9 @@ class LogStdHead(nn.Module):
 
 
 class FlowPolicy(nn.Module):
-    """pi(a|s): the K-step noise-augmented rollout over the velocity field, as one module, so that the batch-renorm
-    layers are shared by the K steps as in the authors' actor (their running statistics move once per call). `train`
-    uses batch statistics (the actor loss); otherwise running statistics (acting, evaluation, the critic target).
-    Returns flow_rollout's (action, log pi, path)."""
+    """pi(a|s): the K-step noise-augmented rollout as one module, so that the K steps share the batch-renorm layers as
+    in the authors' actor. `train` uses batch statistics (the actor loss), otherwise running ones (acting, evaluation,
+    the critic target). Returns flow_rollout's (action, log pi, path)."""
 
     args: "Args"
     act_dim: int
@@ -326,9 +313,8 @@ def plain_drift(v, x, t, sigma):
 
 
 def marginal_drift(v, x, t, sigma):
-    """b = v + sigma^2 / 2 * score, with the straight-path score -(x - t v) / (1 - t) (Eq. 13-14):
-    b = v (1 + sigma^2 t / (2 (1 - t))) - sigma^2 x / (2 (1 - t)). In continuous time the noisy
-    rollout then ends in the deterministic flow's law. t < 1 on every step, so 1 - t > 0."""
+    """b = v + sigma^2 / 2 * score, with the straight-path score -(x - t v) / (1 - t) (Eq. 13-14): in continuous time
+    the noisy rollout then ends in the deterministic flow's law. t < 1 on every step, so 1 - t > 0."""
     return v * (1.0 + sigma**2 * t / (2.0 * (1.0 - t))) - sigma**2 * x / (2.0 * (1.0 - t))
 
 
@@ -336,8 +322,7 @@ DRIFTS = {"plain": plain_drift, "marginal": marginal_drift}
 
 
 def step_std(sigma, dt: float, step_noise: str):
-    """The std of one rollout step's Gaussian: sigma (the authors' Flow-G), sigma * dt (the authors'
-    Flow-T, noise on the velocity) or sigma * sqrt(dt) (Euler-Maruyama)."""
+    """A step's std: sigma (the authors' Flow-G), sigma dt (their Flow-T: noise on the velocity) or sigma sqrt(dt)."""
     return sigma * {"sigma": 1.0, "sigma-dt": dt, "sqrt-dt": dt**0.5}[step_noise]
 
 
@@ -353,27 +338,25 @@ def tanh_log_det(x_final, scale):
 
 
 def path_log_prob(xs, means, stds, scale=1.0, noises=None):
-    """Joint log-density of the path (x_0, ..., x_K) and the squashed action (Eq. 15):
-    log N(x_0; 0, I) + sum_k log N(x_{k+1}; x_k + dt b_k, std_k^2 I) - log |da/dx_K|, every -log std
-    term included; `scale` is the action's half-range in the units the density is measured in. Given the
-    step `noises` eps_k, the authors' form instead: log N(eps_k; 0, I) for each step, without the -log std_k
-    terms (--log-density authors)."""
+    """Joint log-density of the path (x_0, ..., x_K) and the squashed action (Eq. 15): log N(x_0; 0, I)
+    + sum_k log N(x_{k+1}; x_k + dt b_k, std_k^2 I) - log |da/dx_K|, every -log std term included; `scale` is the
+    action's half-range in the units the density is measured in. Given the step `noises` eps_k, the authors' form
+    (--log-density authors): log N(eps_k; 0, I) for each step, without the -log std_k terms."""
+    steps = zip(xs[1:], means, stds) if noises is None else ((eps, 0.0, 1.0) for eps in noises)
     log_prob = gaussian_log_prob(xs[0], 0.0, 1.0)
-    for k in range(len(means)):
-        step = gaussian_log_prob(xs[k + 1], means[k], stds[k]) if noises is None else gaussian_log_prob(noises[k], 0.0, 1.0)
-        log_prob = log_prob + step
+    for x, mean, std in steps:
+        log_prob = log_prob + gaussian_log_prob(x, mean, std)
     return log_prob - tanh_log_det(xs[-1], scale)
 
 
 def flow_rollout(step_fn, shape, key, steps: int, drift: str = "plain", step_noise: str = "sqrt-dt",
                  deterministic: bool = False, perturb=None, units_scale=1.0, log_density: str = "complete"):
-    """Sample a = tanh(x_K) in [-1, 1] by the noise-augmented rollout (Eq. 13): x_0 ~ N(0, I);
-    x_{k+1} = x_k + dt b_k + std_k eps_k, t_k = k / K, std_k = step_std(sigma_k). `step_fn(x, t, k)` returns
-    (v, log sigma) at step k. Deterministic: x_0 = 0 and no step noise, the Euler-integrated flow ODE (both drifts
-    reduce to v at sigma = 0). `perturb` (K, ..., act_dim), zeros, is added to each x_k so that its gradient is
-    d loss / d x_k, the backward pass of the rollout seen as an RNN. log pi is in units where the action's half-range
-    is `units_scale` (the env's, with --action-units env), in the `log_density` form of path_log_prob. Returns the
-    action, log pi (None when deterministic) and the path with the mean log sigma."""
+    """Sample a = tanh(x_K) by the noisy rollout (Eq. 13): x_0 ~ N(0, I), x_{k+1} = x_k + dt b_k + std_k eps_k,
+    t_k = k / K, std_k = step_std(sigma_k), with (v, log sigma) = `step_fn(x, t, k)`. Deterministic: x_0 = 0 and no
+    step noise, the Euler-integrated flow ODE (both drifts reduce to v at sigma = 0). `perturb` (K, ..., act_dim),
+    zeros, is added to each x_k so that its gradient is d loss / d x_k (the rollout's backward pass as an RNN). log pi
+    is in units where the action's half-range is `units_scale`, in the `log_density` form of path_log_prob. Returns
+    the action, log pi (None when deterministic) and the path with the mean log sigma."""
     keys = jax.random.split(key, steps + 1)
     x = jnp.zeros(shape) if deterministic else jax.random.normal(keys[0], shape)
     dt = 1.0 / steps
@@ -381,9 +364,8 @@ def flow_rollout(step_fn, shape, key, steps: int, drift: str = "plain", step_noi
     for k in range(steps):
         xs.append(x)
         if perturb is not None:
-            # Added to the state carried into step k only, not to the density's x_k: with the noise
-            # held fixed (reparameterised), the gradient is the recurrence's own d loss / d x_k,
-            # without the score term -(x_k - mean) / std^2 of the previous transition.
+            # Only into step k, not the density's x_k: with the noise held fixed (reparameterised), the gradient is
+            # the recurrence's own d loss / d x_k, without the previous transition's score term -(x_k - mean) / std^2.
             x = x + perturb[k]
         t = k * dt
         v, log_std = step_fn(x, t, k)
@@ -430,9 +412,8 @@ class QNetwork(nn.Module):
 
 
 class CriticEnsemble(nn.Module):
-    """`n_critics` independent critics as one vmapped module; returns Q of shape (n_critics, batch).
-
-    `train` selects batch statistics (and updates the running ones) or the running statistics."""
+    """`n_critics` independent critics as one vmapped module; returns Q of shape (n_critics, batch). `train` selects
+    batch statistics (and updates the running ones) or the running statistics."""
 
     args: "Args"
     train: bool
@@ -562,11 +543,9 @@ def update_actor(args: Args, act_dim: int, agent: Agent, critic: NormedState, b:
 
 
 def make_update(args: Args, act_dim: int, sharding=None, units_scale=1.0):
-    """Build the jitted gradient step of every seed: sample a batch from the device buffer, update the critics; every
-    `policy_delay` critic updates also the actor and log alpha. One compiled call per env step; the agent is not
-    donated (see the end). The buffer is only read here; the newest transition goes in by its own donated call just
-    before (inserting here would make XLA copy the whole buffer every step).
-    `units_scale`: the env's action half-range, for log pi in the env's units (--action-units env)."""
+    """The jitted gradient step of every seed: sample a batch, update the critics and, every `policy_delay` critic
+    updates, the actor and log alpha. The buffer is only read: the newest transition goes in by its own donated call
+    (here XLA would copy it whole each step). `units_scale`: the env's action half-range (--action-units env)."""
     scale = units_scale if args.action_units == "env" else 1.0
 
     def update(agent: Agent, buf: ReplayBuffer, do_actor):
@@ -574,7 +553,8 @@ def make_update(args: Args, act_dim: int, sharding=None, units_scale=1.0):
         b = buffer_sample(buf, k_batch, args.batch_size)
         critic, critic_target, info = update_critic(args, act_dim, agent, b, k_next, scale)
         carry = (agent.actor, agent.log_alpha, agent.actor_info)
-        actor_step = lambda c: update_actor(args, act_dim, agent.replace(actor=c[0], log_alpha=c[1]), critic, b, k_pi, scale)
+        actor_step = lambda c: update_actor(args, act_dim, agent.replace(actor=c[0], log_alpha=c[1]),
+                                            critic, b, k_pi, scale)
         actor, log_alpha, actor_info = jax.lax.cond(do_actor, actor_step, lambda c: c, carry)
         agent = Agent(actor=actor, critic=critic, critic_target=critic_target, log_alpha=log_alpha, key=key,
                       updates=agent.updates + 1, actor_info=actor_info)
@@ -587,9 +567,8 @@ def make_update(args: Args, act_dim: int, sharding=None, units_scale=1.0):
         do_actor = (agent.updates[0] + 1) % args.policy_delay == 0
         return seed_map(update, args.num_seeds, in_axes=(0, 0, None))(agent, buf, do_actor)
 
-    # Not donated: aliased to the outputs, XLA copied every critic weight and both Adam moments first; fresh
-    # outputs are faster and bit-identical (docs/performance.md).
-    # The outputs keep the inputs' seed sharding, so the next call finds the same signature (one compile).
+    # Not donated: aliased to the outputs, XLA first copied every critic weight and both Adam moments; fresh outputs
+    # are faster and bit-identical (docs/performance.md). With the seed sharding kept, the next call reuses the compile.
     return jax.jit(update_seeds, out_shardings=sharding)
 
 
@@ -597,17 +576,15 @@ def make_update(args: Args, act_dim: int, sharding=None, units_scale=1.0):
 
 
 def make_act(args: Args, act_dim: int, num_seeds: int):
-    """Jitted (evaluation, exploration) actions for all seeds at once: (actor variables, obs, key) stacked over
-    seeds; the actor uses its running statistics."""
+    """Jitted (evaluation, exploration) actions of all seeds from stacked (actor variables, obs, key), running stats."""
     policy = FlowPolicy(args, act_dim, train=False)
 
-    def act(actor_vars, obs, key, deterministic: bool):
+    def act(deterministic: bool, actor_vars, obs, key):
         key, sub = jax.random.split(key)
         return policy.apply(actor_vars, obs[None], sub, deterministic)[0][0], key
 
-    act_eval = lambda p, o, k: act(p, o, k, args.eval_deterministic)
-    act_explore = lambda p, o, k: act(p, o, k, False)
-    return jax.jit(seed_map(act_eval, num_seeds)), jax.jit(seed_map(act_explore, num_seeds))
+    jitted = lambda deterministic: jax.jit(seed_map(functools.partial(act, deterministic), num_seeds))
+    return jitted(args.eval_deterministic), jitted(False)
 
 
 ALGO = "sac_flow_t"
@@ -629,7 +606,6 @@ def load_actor(args: Args, obs_dim: int, act_dim: int, raw: dict):
 def train(args: Args, resume=None) -> dict:
     """Train --num-seeds agents (or continue `resume` = (path, checkpoint) from prepare_resume). Returns a summary.
     Every array (agent, keys, buffer, observations) carries a leading seed axis."""
-    # the actor-loss gradient's norm at each x_k, logged as grad/step_k (the paper's Fig. 13 measure)
     run = TrainingRun(args, ALGO, __file__, resume, vector_tags={"grad_norms": "grad/step_"})
     agent, k_act, buf, obs = run.init_state(create_agent)
     update = make_update(args, run.act_dim, run.sharding, action_scale(args.env_id))
@@ -647,7 +623,7 @@ def train(args: Args, resume=None) -> dict:
             if run.learns(step):
                 agent, info = update(agent, buf)
                 run.check_update(step, info)  # a NaN or infinite loss stops the run
-            run.log(step, episodes, info)  # losses, and the gradient norm at each x_k as grad/step_k
+            run.log(step, episodes, info)  # grad/step_k: the actor-loss gradient's norm at x_k (the paper's Fig. 13)
             run.maybe_evaluate(step, act_eval, agent.actor.variables)
             if run.maybe_checkpoint(step, agent, k_act, buf, obs):
                 break
