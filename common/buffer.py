@@ -33,16 +33,9 @@ class Batch(NamedTuple):
 
 
 def buffer_init(capacity: int, obs_dim: int, act_dim: int) -> ReplayBuffer:
-    f32 = jnp.float32
-    return ReplayBuffer(
-        obs=jnp.zeros((capacity, obs_dim), f32),
-        actions=jnp.zeros((capacity, act_dim), f32),
-        rewards=jnp.zeros((capacity,), f32),
-        next_obs=jnp.zeros((capacity, obs_dim), f32),
-        terminated=jnp.zeros((capacity,), f32),
-        pos=jnp.zeros((), jnp.int32),
-        size=jnp.zeros((), jnp.int32),
-    )
+    rows = lambda *shape: jnp.zeros((capacity, *shape), jnp.float32)
+    return ReplayBuffer(obs=rows(obs_dim), actions=rows(act_dim), rewards=rows(), next_obs=rows(obs_dim),
+                        terminated=rows(), pos=jnp.zeros((), jnp.int32), size=jnp.zeros((), jnp.int32))
 
 
 def buffer_add(buf: ReplayBuffer, obs, action, reward, next_obs, terminated) -> ReplayBuffer:

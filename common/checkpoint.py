@@ -17,8 +17,11 @@ import tempfile
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from dataclasses import asdict, fields
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
@@ -46,10 +49,8 @@ def write_atomic(path: str, payload: dict) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
     dir_fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
     try:
@@ -95,7 +96,6 @@ def check_algo(state: dict, algo: str, path: str, flag: str) -> None:
 
 # ---- Model files (--save-model) and loading an actor for --eval-only -----------------------------------------------
 
-
 def save_model(path: str, algo: str, config: dict, params: dict) -> None:
     write_atomic(path, {"format": FORMAT, "algo": algo, "kind": "model", "config": config,
                         "params": serialization.to_state_dict(params)})
@@ -117,7 +117,6 @@ def load_model(path: str, algo: str, config_keys=(), seed: int | None = None) ->
         actor = state["state"]["agent"]["actor"]
         raw = {name: jax.tree_util.tree_map(lambda x: np.asarray(x)[i], actor[field])
                for name, field in [("actor", "params"), ("actor_batch_stats", "batch_stats")] if actor.get(field)}
-        config = state["args"]
     else:
         config, raw = state["config"], state["params"]
     refuse_older(config, config_keys, path, "--checkpoint", algo)
@@ -156,23 +155,15 @@ CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"step_(\d+)\.ckpt$")
 
 
-def checkpoint_path(run_dir: str, step: int) -> str:
-    return os.path.join(run_dir, CHECKPOINT_DIR, f"step_{step:010d}.ckpt")
-
-
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
-    found = []
-    for path in glob.glob(os.path.join(run_dir, CHECKPOINT_DIR, "step_*.ckpt")):
-        m = _NAME.search(path)
-        if m:
-            found.append((int(m.group(1)), path))
-    return sorted(found)
+    paths = glob.glob(os.path.join(run_dir, CHECKPOINT_DIR, "step_*.ckpt"))
+    return sorted((int(m.group(1)), path) for path in paths if (m := _NAME.search(path)))
 
 
 def save_checkpoint(run_dir: str, step: int, payload: dict, keep: int) -> str:
     """Write the checkpoint of `step`, then delete all but the newest `keep`."""
-    path = checkpoint_path(run_dir, step)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(os.path.join(run_dir, CHECKPOINT_DIR), exist_ok=True)
+    path = os.path.join(run_dir, CHECKPOINT_DIR, f"step_{step:010d}.ckpt")
     write_atomic(path, payload)
     for _, old in list_checkpoints(run_dir)[:-keep]:
         os.unlink(old)
@@ -190,6 +181,7 @@ def load_training_checkpoint(path: str, algo: str) -> tuple[str, dict]:
     """Resolve --resume PATH (a checkpoint or a run folder) and read it. In a folder the newest readable one wins
     (a damaged newer one is renamed *.corrupt, with a warning). A file must be the newest of its run: resuming an
     older one would overwrite the later checkpoints and logs."""
+    run_dir = None
     if os.path.isdir(path):
         found = list_checkpoints(path)
         if not found:
@@ -197,52 +189,39 @@ def load_training_checkpoint(path: str, algo: str) -> tuple[str, dict]:
         for _, candidate in reversed(found):
             try:
                 state = read_container(candidate, "--resume")
+                break
             except ConfigError as e:
                 print(f"warning: {e}; renamed to {os.path.basename(candidate)}.corrupt, trying the one before")
                 os.replace(candidate, candidate + ".corrupt")
-                continue
-            return candidate, _checked(candidate, state, algo)
-        raise ConfigError(f"--resume {path!r}: none of its {len(found)} checkpoint(s) is readable")
-    if not os.path.isfile(path):
+        else:
+            raise ConfigError(f"--resume {path!r}: none of its {len(found)} checkpoint(s) is readable")
+        path = candidate
+    elif os.path.isfile(path):
+        state = read_container(path, "--resume")
+        run_dir = run_folder(os.path.dirname(path))
+    else:
         raise ConfigError(f"--resume {path!r} is neither a checkpoint file nor a run folder")
-    state = _checked(path, read_container(path, "--resume"), algo)
-    if os.path.basename(os.path.dirname(os.path.abspath(path))) == CHECKPOINT_DIR:
-        newer = [p for step, p in list_checkpoints(os.path.dirname(os.path.dirname(os.path.abspath(path))))
-                 if step > state["step"]]
-        if newer:
-            raise ConfigError(f"--resume {path!r} is older than its run's newest checkpoint {newer[-1]!r}; resuming "
-                              "it would overwrite later checkpoints: resume the newest, or copy this one elsewhere to branch")
-    return path, state
-
-
-def _checked(path: str, state: dict, algo: str) -> dict:
     check_algo(state, algo, path, "--resume")
     if state.get("kind") != "train":
         raise ConfigError(f"--resume {path!r} is a model file (--save-model), which cannot resume training; "
                           "resume from a checkpoint written by --checkpoint-every")
-    return state
+    newer = [p for step, p in list_checkpoints(run_dir) if step > state["step"]] if run_dir else []
+    if newer:
+        raise ConfigError(f"--resume {path!r} is older than its run's newest checkpoint {newer[-1]!r}; resuming it "
+                          "would overwrite later checkpoints: resume the newest, or copy this one elsewhere to branch")
+    return path, state
 
 
-def resume_run_dir(path: str, state: dict) -> str:
-    """The run folder a resumed run keeps writing to: the checkpoint's own, else runs/{run_name}."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.basename(folder) == CHECKPOINT_DIR:
-        return os.path.dirname(folder)
-    return os.path.join("runs", state["meta"]["run_name"])
-
-
-def video_dir(checkpoint: str) -> str:
-    """Where --eval-only puts its videos: the videos/ folder of the checkpoint's run."""
-    path = os.path.abspath(checkpoint)
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    if os.path.basename(folder) == CHECKPOINT_DIR:
-        folder = os.path.dirname(folder)
-    return os.path.join(folder, "videos")
+def run_folder(folder: str) -> str | None:
+    """The run folder whose checkpoints/ `folder` is (its parent); None where `folder` is no checkpoints/ folder."""
+    folder = os.path.abspath(folder)
+    return os.path.dirname(folder) if os.path.basename(folder) == CHECKPOINT_DIR else None
 
 
 def adopt_saved_args(args, saved: dict, defaults, names, flag: str, may_change=()) -> None:
     """Take `names` from a checkpoint's arguments. Of `may_change`, a value given now wins; any other given
     value that contradicts the saved one is refused, neither ignored nor applied silently."""
+    option = lambda name: "--" + name.replace("_", "-")
     for name in names:
         if name not in saved:
             continue
@@ -251,9 +230,9 @@ def adopt_saved_args(args, saved: dict, defaults, names, flag: str, may_change=(
             if name in may_change:
                 continue
             if given != saved[name]:
-                raise ConfigError(f"--{name.replace('_', '-')} {given} contradicts {flag}'s {saved[name]}: {flag} keeps "
-                                  f"the arguments it was written with (except {', '.join('--' + n.replace('_', '-') for n in sorted(may_change))})"
-                                  if may_change else f"--{name.replace('_', '-')} {given} contradicts {flag}'s {saved[name]}")
+                anew = ", ".join(map(option, sorted(may_change)))
+                keeps = f": {flag} keeps the arguments it was written with (except {anew})" if may_change else ""
+                raise ConfigError(f"{option(name)} {given} contradicts {flag}'s {saved[name]}{keeps}")
         setattr(args, name, saved[name])
 
 
@@ -267,8 +246,6 @@ NOT_RESUMED = ("progress", "resume", "eval_only", "checkpoint")
 def read_resume(args, algo: str, defaults, renamed: dict | None = None, before: dict | None = None) -> tuple[str, dict]:
     """Read --resume and adopt the run's arguments into `args` (a flag that contradicts them is refused); `renamed`
     maps an argument's name in older checkpoints to its name now, `before` gives arguments they lack a value."""
-    from dataclasses import fields
-
     path, ckpt = load_training_checkpoint(args.resume, algo)
     ckpt["args"] = {**(before or {}), **{(renamed or {}).get(k, k): v for k, v in ckpt["args"].items()}}
     names = [f.name for f in fields(args) if f.name not in NOT_RESUMED]
@@ -291,13 +268,13 @@ def prepare_run_dir(run_dir: str, resumed: bool) -> None:
 def training_checkpoint(algo: str, args, step: int, state, buf, envs, obs, meta: dict) -> dict:
     """A training checkpoint: `state` (every array the run carries: agent, optimisers, keys) and `buf` (the
     replay buffer or None), seed-stacked; `envs`, the run's SeedEnvs. The buffer is packed seed by seed."""
-    from dataclasses import asdict
-
     host_buf = None if buf is None else jax.device_get(buf)
     return {"format": FORMAT, "algo": algo, "kind": "train", "step": step, "args": asdict(args),
             "state": serialization.to_state_dict(jax.device_get(state)),
             "buffer": None if buf is None else [pack_buffer(per_seed(host_buf, i)) for i in range(len(envs))],
-            "env": envs.get_state(), "obs": np.asarray(obs), "rng": host_rng_states(), "meta": meta}
+            "env": envs.get_state(), "obs": np.asarray(obs),
+            "rng": {"numpy": rng_state(np.random.mtrand._rand), "python": list(random.getstate()[1]),
+                    "python_gauss": random.getstate()[2]}, "meta": meta}
 
 
 def restore_training(path: str, ckpt: dict, state_template, buf_template, envs):
@@ -317,11 +294,12 @@ def restore_training(path: str, ckpt: dict, state_template, buf_template, envs):
     if not np.array_equal(obs, ckpt["obs"]):
         raise ConfigError(f"--resume {path!r}: the environment replays to another state than the saved one "
                           "(another MuJoCo, dm_control or Gymnasium version?)")
-    set_host_rng_states(ckpt["rng"])
+    set_rng_state(np.random.mtrand._rand, ckpt["rng"]["numpy"])
+    random.setstate((3, tuple(ckpt["rng"]["python"]), ckpt["rng"]["python_gauss"]))
     return state, buf, obs
 
 
-# ---- What goes into a training checkpoint besides the agent: the buffer, the host RNGs -----------------------------
+# ---- The replay buffer in a training checkpoint; the stops on divergence and on a signal ---------------------------
 
 _BLOCK = 1 << 26  # 64 MiB: compressed independently, on all cores (zlib releases the GIL)
 
@@ -359,8 +337,6 @@ def pack_buffer(buf) -> dict:
 
 
 def unpack_buffer(template, packed: dict, path: str):
-    import jax.numpy as jnp
-
     size, pos, f = packed["size"], packed["pos"], packed["fields"]
     names = [name for name in template._fields if name not in ("pos", "size")]
     capacity = template.obs.shape[0]
@@ -370,9 +346,8 @@ def unpack_buffer(template, packed: dict, path: str):
     try:
         host = {name: _decompress(f[name]) for name in names if name != "next_obs"}
         same = np.unpackbits(_decompress(f["next_obs_same"]))[:size].astype(bool)
-        next_obs = host["obs"][(np.arange(size) + 1) % max(size, 1)]
-        next_obs[~same] = _decompress(f["next_obs_rest"])
-        host["next_obs"] = next_obs
+        host["next_obs"] = host["obs"][(np.arange(size) + 1) % max(size, 1)]
+        host["next_obs"][~same] = _decompress(f["next_obs_rest"])
         out = {}
         for name in names:
             full = np.zeros(getattr(template, name).shape, np.float32)
@@ -383,21 +358,9 @@ def unpack_buffer(template, packed: dict, path: str):
     return type(template)(**out, pos=jnp.asarray(pos, jnp.int32), size=jnp.asarray(size, jnp.int32))
 
 
-def host_rng_states() -> dict:
-    return {"numpy": rng_state(np.random.mtrand._rand), "python": list(random.getstate()[1]),
-            "python_gauss": random.getstate()[2]}
-
-
-def set_host_rng_states(states: dict) -> None:
-    set_rng_state(np.random.mtrand._rand, states["numpy"])
-    random.setstate((3, tuple(states["python"]), states["python_gauss"]))
-
-
 def first_nonfinite(tree, prefix: str = "", seeds=None) -> str | None:
     """The path of the first leaf of `tree` holding a NaN or an infinity, or None (one device sync); with
     `seeds` (seed-stacked leaves), naming the seed too."""
-    import jax.numpy as jnp
-
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
     arrays = [(p, x) for p, x in leaves if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
     if not arrays:
@@ -435,8 +398,6 @@ def check_metrics(info: dict, step: int, last_checkpoint: str | None, seeds=None
 
 def finite_flags(metrics: dict):
     """Inside a jitted update: one flag per metric (sorted by name, as jit returns dicts), for check_metrics."""
-    import jax.numpy as jnp
-
     return jnp.stack([jnp.all(jnp.isfinite(metrics[k])) for k in sorted(metrics)])
 
 
@@ -445,8 +406,7 @@ class StopOnSignal:
     and exits. A second Ctrl-C interrupts at once (KeyboardInterrupt)."""
 
     def __init__(self):
-        self.signal = None
-        self._previous = {}
+        self.signal, self._previous = None, {}
 
     def _handle(self, signum, frame):
         self.signal = signal.Signals(signum).name

@@ -15,12 +15,10 @@ def renorm_train(x, scale, bias, ra_mean, ra_var, renorm, epsilon: float, r_max:
 
     y = ((x - mu_B) / sigma_B * r + d) * scale + bias, sigma_B = sqrt(var_B + epsilon), with
     r = clip(sigma_B / sigma_run, 1/r_max, r_max) and d = clip((mu_B - mu_run) / sigma_run, -d_max, d_max)
-    held constant in the gradient (r = 1, d = 0 while `renorm` is False). Its gradient is written out
-    (`_renorm_train_bwd`) rather than left to autodiff: the same function, but two reductions over x in
-    the backward pass instead of autodiff's chain through mean, var and sqrt (about five per layer), which
-    halved the batch-renorm kernels' time in a traced critic update (docs/performance.md). Both passes
-    fold the per-feature factors first (gain = scale r / sigma_B), so that an element costs a
-    subtraction and a multiply-add, no division."""
+    held constant in the gradient (r = 1, d = 0 while `renorm` is False). The gradient is written out
+    (`_renorm_train_bwd`): two reductions over x instead of autodiff's chain through mean, var and sqrt (about
+    five per layer; docs/performance.md). Both passes fold the per-feature factors first (gain = scale r / sigma_B):
+    an element costs a subtraction and a multiply-add, no division."""
     return _renorm_train_fwd(x, scale, bias, ra_mean, ra_var, renorm, epsilon, r_max, d_max)[0]
 
 
@@ -58,17 +56,11 @@ renorm_train.defvjp(_renorm_train_fwd, _renorm_train_bwd)
 
 
 class BatchRenorm(nn.Module):
-    """Batch renormalisation (Ioffe, 2017); Flax has none.
-
-    Training mode normalises with the batch statistics, corrected toward the running ones by
-    r = sigma_B / sigma_run (clipped to [1/r_max, r_max]) and d = (mu_B - mu_run) / sigma_run
-    (clipped to [-d_max, d_max]), both without gradient: x_hat = (x - mu_B) / sigma_B * r + d
-    (`renorm_train`, with its gradient written out). For the first `warmup` training-mode calls
-    r = 1 and d = 0 (plain batch norm), as the running statistics are poor early on; each layer
-    counts its own calls, as the authors' layers do (a critic layer is called once per update, an
-    actor layer once per flow step of each actor update). Evaluation mode uses the running
-    statistics. Variances are the biased batch ones.
-    """
+    """Batch renormalisation (Ioffe, 2017); Flax has none. Training mode: `renorm_train`, the batch statistics
+    corrected toward the running ones. For the first `warmup` training-mode calls r = 1 and d = 0 (plain batch
+    norm: the running statistics are poor early on); each layer counts its own calls, as the authors' layers do (a
+    critic layer once per update, an actor layer once per flow step of each actor update). Evaluation mode: the
+    running statistics. Variances are the biased batch ones."""
 
     train: bool
     momentum: float = 0.99

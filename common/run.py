@@ -36,8 +36,8 @@ import numpy as np
 
 from common.buffer import buffer_add, buffer_init
 from common.checkpoint import (Diverged, StopOnSignal, adopt_saved_args, check_metrics, first_nonfinite, load_model,
-                               prepare_run_dir, read_resume, refuse_older, restore_training, resume_run_dir,
-                               save_checkpoint, save_model, training_checkpoint, video_dir)
+                               prepare_run_dir, read_resume, refuse_older, restore_training, run_folder,
+                               save_checkpoint, save_model, training_checkpoint)
 from common.args import ConfigError
 from common.env import SeedEnvs, check_env_id, env_dims, evaluate, seed_everything
 from common.seeds import check_buffer_memory, per_seed, seed_map, seed_sharding
@@ -82,10 +82,9 @@ class TrainingRun:
 
     def __init__(self, args, algo: str, script: str, resume=None, vector_tags: dict | None = None, offline_steps: int = 0,
                  buffer=None):
-        """Name the run (or take the resumed one's), seed the host RNGs, pick the devices, refuse buffers that
-        cannot fit, create the run folder, build the envs. `resume`: prepare_resume's answer; `vector_tags`: see
-        metric_scalars. sac_flow_o2o.py adds `offline_steps` (dataset updates counted before the env steps: step
-        offline_steps + j is env step j) and `buffer`, its own as (capacity, init(capacity, obs_dim, act_dim), add)."""
+        """`resume`: prepare_resume's answer; `vector_tags`: see metric_scalars. sac_flow_o2o.py adds `offline_steps`
+        (dataset updates counted before the env steps: step offline_steps + j is env step j) and `buffer`, its own
+        as (capacity, init(capacity, obs_dim, act_dim), add)."""
         self.args, self.algo, self.script, self.resume = args, algo, os.path.basename(script), resume
         self.vector_tags, self.offline_steps = vector_tags, offline_steps
         self.last_step = offline_steps + args.total_timesteps
@@ -95,8 +94,9 @@ class TrainingRun:
         self.capacity, self.buffer_init, add = buffer or (args.buffer_size, buffer_init, buffer_add)
         self.filled_buffer = buffer is not None
         self.seeds = [args.seed + i for i in range(args.num_seeds)]
-        if resume:
-            run_name, self.run_dir = resume[1]["meta"]["run_name"], resume_run_dir(*resume)
+        if resume:  # the run goes on in its checkpoint's run folder, else in runs/{run_name}
+            run_name = resume[1]["meta"]["run_name"]
+            self.run_dir = run_folder(os.path.dirname(resume[0])) or os.path.join("runs", run_name)
         else:
             run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
             self.run_dir = os.path.join("runs", run_name)
@@ -223,13 +223,9 @@ class TrainingRun:
         return False
 
     def close(self):
-        if self.bar is not None:
-            self.bar.close()
-        for writer in self.writers:
-            writer.close()
-        for envs in (self.envs, self.eval_envs):
-            if envs is not None:
-                envs.close()
+        for part in (self.bar, *self.writers, self.envs, self.eval_envs):
+            if part is not None:
+                part.close()
 
     def steps(self):
         """The steps still to run, counted from 1 (env steps, after the offline steps if any)."""
@@ -349,9 +345,7 @@ class TrainingRun:
                 "checkpoint": self.last_checkpoint, "agent": agent}
 
 
-# ---------------------------------------------------------------------------------------------
-# The rest of a script's command line: --resume, --eval-only, exit statuses
-# ---------------------------------------------------------------------------------------------
+# ---- The rest of a script's command line: --resume, --eval-only, exit statuses -----------------------------------
 
 
 def prepare_resume(args, algo: str, model_config, check_args, renamed: dict | None = None, before: dict | None = None):
@@ -376,8 +370,10 @@ def eval_only(args, algo: str, model_config, load_actor) -> None:
         if args.capture_video:
             env.render_check()
         params, act = load_actor(args, env.observation_space.shape[0], env.action_space.shape[0], raw)
+        folder = os.path.abspath(args.checkpoint)  # the videos go to the videos/ folder of the checkpoint's run
+        folder = folder if os.path.isdir(folder) else os.path.dirname(folder)
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        videos = [os.path.join(video_dir(args.checkpoint), f"eval_only_{stamp}_episode{i}.mp4")
+        videos = [os.path.join(run_folder(folder) or folder, "videos", f"eval_only_{stamp}_episode{i}.mp4")
                   for i in range(args.eval_episodes)] if args.capture_video else []
         params, key = jax.tree_util.tree_map(lambda x: x[None], (params, jax.random.PRNGKey(args.seed)))
         (returns,), (successes,) = evaluate(env, act, params, key, args.eval_episodes, [args.seed], [videos])
@@ -403,10 +399,8 @@ class ExitStatus:
     def __exit__(self, kind, error, traceback):
         if kind is None:
             return False
-        if issubclass(kind, ConfigError):
-            self.code, message = 2, f"error: {error}"
-        elif issubclass(kind, (Diverged, OSError)):
-            self.code, message = 1, f"error: {error}"
+        if issubclass(kind, (ConfigError, Diverged, OSError)):
+            self.code, message = 2 if issubclass(kind, ConfigError) else 1, f"error: {error}"
         elif issubclass(kind, KeyboardInterrupt):
             self.code, message = 130, "interrupted twice: stopped without writing a checkpoint"
         else:

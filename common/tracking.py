@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import os
 
+from common.args import ConfigError
+
 # Characters wandb refuses in a run id.
 _RESERVED = ":;,#?/'"
 
 
 def check_tracking(args) -> None:
     """Refuse --track when wandb cannot be imported (one line naming the fix)."""
-    from common.args import ConfigError
-
     if getattr(args, "track", False):
         try:
             import wandb  # noqa: F401
