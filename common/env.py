@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import ctypes.util
 import difflib
+import importlib
 import json
 import os
 import random
 import warnings
 
-# Rendering is only used for videos; EGL keeps dm_control quiet on headless machines.
-os.environ.setdefault("MUJOCO_GL", "egl")
+# MuJoCo and dm_control load the GL backend MUJOCO_GL names when they are imported, and one whose library is missing
+# fails that import, training or not. Rendering is only for videos: headless EGL where libEGL is found, else none.
+if "MUJOCO_GL" not in os.environ:
+    os.environ["MUJOCO_GL"] = "egl" if ctypes.util.find_library("EGL") else "disable"
 
 import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
@@ -23,6 +27,8 @@ _EXAMPLES = (
     "dm_control/<domain>-<task>-v0 (e.g. dm_control/dog-run-v0)"
 )
 _OGBENCH_EXAMPLE = ", or an OGBench single-task env (e.g. cube-double-singletask-task2-v0)"
+RENDER_HELP = ("MuJoCo renders headless through EGL (MUJOCO_GL=egl, the default where libEGL is found): install "
+               "libEGL (Debian/Ubuntu: apt install libegl1 libgl1), or run with MUJOCO_GL=osmesa and libosmesa6")
 
 
 def _runnable(env_id: str) -> bool:
@@ -32,44 +38,32 @@ def _runnable(env_id: str) -> bool:
     return not (callable(entry) and "mujoco_py" in getattr(entry, "__name__", ""))
 
 
-def _register_dm_control() -> None:
-    try:
-        import shimmy
-
-        gym.register_envs(shimmy)
-    except ImportError:  # dm_control ids stay unknown and check_env_id says so
-        pass
-
-
 # MyoSuite 3.0 requires gymnasium < 1.3, which requirements.txt's pins exclude: it installs in an environment of its own.
 MYOSUITE_INSTALL = "pip install -r requirements.txt 'myosuite==3.0.0' 'gymnasium[mujoco]<1.3'"
 
 
-def _register_myosuite() -> bool:
+def _register(package: str) -> bool:
+    """Import an optional env package, which registers its ids (shimmy's, dm_control's, are registered by hand);
+    False where it is not installed (its ids stay unknown, and check_env_id says so)."""
     try:
-        import myosuite  # noqa: F401  (importing it registers its envs)
+        module = importlib.import_module(package)
     except ImportError:
         return False
+    if package == "shimmy":
+        gym.register_envs(module)
     return True
-
-
-def _register_ogbench() -> None:
-    try:
-        import ogbench  # noqa: F401  (importing it registers its envs)
-    except ImportError:
-        pass
 
 
 def check_env_id(env_id: str, ogbench: bool = False) -> None:
     """Raise ConfigError unless `env_id` names a registered environment that can be built here (without
     building it); the message suggests only such ids, and OGBench's with `ogbench` (the offline-to-online script)."""
     if env_id.startswith("dm_control/"):
-        _register_dm_control()
-    elif env_id.startswith("myo") and not _register_myosuite():
+        _register("shimmy")
+    elif env_id.startswith("myo") and not _register("myosuite"):
         raise ConfigError(f"--env-id {env_id!r} is a MyoSuite task, and myosuite is not installed; it requires gymnasium < 1.3, "
                           f"which this project's pins exclude, so install it in an environment of its own: {MYOSUITE_INSTALL}")
     elif "singletask" in env_id or env_id.startswith(("cube-", "scene-", "puzzle-")):
-        _register_ogbench()
+        _register("ogbench")
     try:
         if _runnable(env_id):
             return
@@ -77,8 +71,8 @@ def check_env_id(env_id: str, ogbench: bool = False) -> None:
     except gym.error.Error:
         why = f"unknown --env-id {env_id!r}"
     if not env_id.startswith("dm_control/"):
-        _register_dm_control()
-        _register_ogbench()
+        _register("shimmy")
+        _register("ogbench")
     runnable = [k for k in gym.registry.keys() if _runnable(k)]
     close = difflib.get_close_matches(env_id, runnable, n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -105,6 +99,12 @@ def make_env(env_id: str, seed: int, render: bool = False) -> gym.Env:
     `terminated` (do not bootstrap) and `truncated` (a time limit) stay apart, as Gymnasium reports them.
     `render=True`: `env.render()` returns RGB frames (--capture-video)."""
     check_env_id(env_id)
+    try:
+        import mujoco  # noqa: F401  (its import loads MUJOCO_GL's backend, which gym.make would fail on deep inside)
+    except Exception as e:  # PyOpenGL raises AttributeError for a missing library, mujoco RuntimeError for a bad name
+        raise ConfigError(f"MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}: MuJoCo cannot load that GL backend ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); MUJOCO_GL=disable trains without videos. "
+                          f"{RENDER_HELP}") from None
     with warnings.catch_warnings():
         # v4 tasks are the papers' benchmarks; Gymnasium's "out of date" notice is noise here.
         warnings.filterwarnings("ignore", message=".*out of date.*")
@@ -174,13 +174,10 @@ class EpisodeReplay(gym.Wrapper):
         return obs
 
 
-def seed_everything(seed: int):
-    """Seed Python's and numpy's global generators; return the root JAX key."""
-    import jax
-
+def seed_everything(seed: int) -> None:
+    """Seed Python's and numpy's global generators (JAX's keys are explicit)."""
     random.seed(seed)
     np.random.seed(seed)
-    return jax.random.PRNGKey(seed)
 
 
 def env_step(env: gym.Env, obs: np.ndarray, action: np.ndarray):
@@ -231,8 +228,7 @@ class SeedEnvs:
     vector envs reset a finished episode on the next step and would lose that match and the per-env replay state."""
 
     def __init__(self, env_id: str, seeds, render: bool = False):
-        self.seeds = list(seeds)
-        self.envs = []
+        self.seeds, self.envs = list(seeds), []
         try:
             for seed in self.seeds:
                 self.envs.append(make_env(env_id, seed, render))
@@ -254,13 +250,8 @@ class SeedEnvs:
 
     def step(self, obs: np.ndarray, actions: np.ndarray):
         """`env_step` on every env: the transitions and next observations stacked over seeds, and the episodes."""
-        transitions, next_obs, episodes = [], [], []
-        for env, o, a in zip(self.envs, obs, actions):
-            transition, o, episode = env_step(env, o, a)
-            transitions.append(transition)
-            next_obs.append(o)
-            episodes.append(episode)
-        return tuple(np.stack(field) for field in zip(*transitions)), np.stack(next_obs), episodes
+        transitions, next_obs, episodes = zip(*(env_step(env, o, a) for env, o, a in zip(self.envs, obs, actions)))
+        return tuple(np.stack(field) for field in zip(*transitions)), np.stack(next_obs), list(episodes)
 
     def get_state(self) -> list:
         return [env.get_state() for env in self.envs]
@@ -271,8 +262,15 @@ class SeedEnvs:
         return np.stack([env.set_state(state) for env, state in zip(self.envs, states)])
 
     def render_check(self) -> None:
+        """Render one frame now, so a machine without EGL fails before training rather than at the first video."""
         self.envs[0].reset(seed=self.seeds[0])
-        check_rendering(self.envs[0])
+        try:
+            frame = self.envs[0].render()
+            if frame is None or frame.ndim != 3:
+                raise RuntimeError("no RGB frame")
+        except Exception as e:  # the GL backends raise many types
+            raise ConfigError(f"--capture-video: MuJoCo cannot render ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); {RENDER_HELP}") from None
 
     def close(self) -> None:
         for env in self.envs:
@@ -335,21 +333,6 @@ def evaluate(envs: SeedEnvs, act, actor_params, keys, episodes: int, seeds=None,
                     obs[i], _ = env.reset()
                     frames[i] = [env.render()] if j + 1 < len(videos[i]) else None
     return returns, successes
-
-
-RENDER_HELP = ("MuJoCo renders headless through EGL (MUJOCO_GL=egl): install libEGL "
-               "(Debian/Ubuntu: apt install libegl1 libgl1), or run with MUJOCO_GL=osmesa and libosmesa6")
-
-
-def check_rendering(env: gym.Env) -> None:
-    """Render one frame now, so a machine without EGL fails before training rather than at the first video."""
-    try:
-        frame = env.render()
-        if frame is None or frame.ndim != 3:
-            raise RuntimeError("no RGB frame")
-    except Exception as e:  # the GL backends raise many types
-        raise ConfigError(f"--capture-video: MuJoCo cannot render ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                          f"{RENDER_HELP}") from None
 
 
 def write_video(path: str, frames, fps: float) -> None:

@@ -35,7 +35,7 @@ def fill(buf, values):
 
 
 def run_script(script: str, args: list[str], cwd: str, timeout: int = 600, env=None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONWARNINGS="ignore", MUJOCO_GL="egl", **(env or {}))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "MUJOCO_GL": "egl", **(env or {})}
     env.pop("WANDB_SERVICE", None)  # a wandb service an in-process test started is not the script's
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)

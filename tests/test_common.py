@@ -1,5 +1,9 @@
 """The shared pieces: replay buffer, env construction and what an env step stores."""
 
+import os
+import subprocess
+import sys
+
 import gymnasium as gym
 import jax
 import jax.numpy as jnp
@@ -8,7 +12,7 @@ import pytest
 
 from common.buffer import buffer_add, buffer_init, buffer_sample
 from common.env import ConfigError, check_env_id, env_step, make_env
-from helpers import fill
+from helpers import ROOT, fill, run_script
 
 
 def test_buffer_wraps_around_and_overwrites_the_oldest():
@@ -281,3 +285,24 @@ def test_divergence_names_every_non_finite_metric():
     check_metrics({"a": jnp.float32(1), "finite": finite_flags({"a": jnp.float32(1)})}, 7, None)
     assert first_nonfinite({"w": jnp.ones(3), "b": jnp.array([0.0, np.nan])}, "agent") == "agent['b']"
     assert first_nonfinite({"w": jnp.ones(3)}) is None
+
+
+def test_a_gl_backend_that_cannot_load_is_one_line_and_no_libegl_means_no_gl(tmp_path):
+    """MuJoCo loads MUJOCO_GL's backend when it is imported, so a missing library failed every run with a deep
+    traceback (the H200 image has no libEGL); now a bad one is refused in one line, and with MUJOCO_GL unset and no
+    libEGL the scripts train without GL and refuse --capture-video in one line."""
+    tiny = ["--total-timesteps", "20", "--learning-starts", "10", "--batch-size", "4", "--hidden-dim", "8",
+            "--eval-episodes", "0", "--no-progress", "--checkpoint-every", "0"]
+    bad = run_script("flowrl_jax.py", tiny, tmp_path, env={"MUJOCO_GL": "nonsense"})
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+    assert bad.stderr.strip().splitlines() == [bad.stderr.strip()] and "MUJOCO_GL='nonsense'" in bad.stderr
+
+    code = ("import ctypes.util, os; ctypes.util.find_library = lambda name: None; os.environ.pop('MUJOCO_GL', None)\n"
+            "from common.env import ConfigError, SeedEnvs\n"
+            "envs = SeedEnvs('Hopper-v4', [0], render=True); envs.reset(); print(os.environ['MUJOCO_GL'])\n"
+            "try:\n    envs.render_check()\nexcept ConfigError as e:\n    print('refused:', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k != "MUJOCO_GL"})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "disable" and lines[1].startswith("refused: --capture-video: MuJoCo cannot render"), lines
